@@ -1,0 +1,297 @@
+"""Command line: ``fewshot train|eval|predict|plot|methods``. Thin: parse, then call :mod:`fewshot.run`.
+
+User errors (bad paths, unreadable images, wrong checkpoints, impossible episode shapes) print one line
+``fewshot: error: ...`` and exit with status 2; they never show a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import typing
+from pathlib import Path
+from typing import List, Optional
+
+from .errors import FewshotError
+
+
+def _parse_bool(v: str) -> bool:
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+def _int_list(v: str) -> List[int]:
+    try:
+        return [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {v!r}") from None
+
+
+def _size(v: str):
+    parts = _int_list(v.replace("x", ","))
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return parts
+    raise argparse.ArgumentTypeError(f"size must be N or HxW, got {v!r}")
+
+
+def _add_dataclass_options(parser, cls, dest_prefix: str, skip=()) -> None:
+    """One --flag per dataclass field (underscores become dashes); defaults stay None = 'not given'."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        t = hints.get(f.name, str)
+        origin = typing.get_origin(t)
+        if t is bool:
+            kw = {"type": _parse_bool, "metavar": "BOOL"}
+        elif t is int:
+            kw = {"type": int}
+        elif t is float:
+            kw = {"type": float}
+        elif origin in (list, List):
+            kw = {"type": _int_list, "metavar": "A,B,..."}
+        else:
+            kw = {"type": str}
+        kw.setdefault("metavar", f.name.upper())
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=dest_prefix + f.name, default=None,
+                            help=f"(default: {default})", **kw)
+
+
+def _train_parser(sub) -> None:
+    from . import methods
+    from .config import RunConfig
+    from .train import TrainConfig
+    p = sub.add_parser("train", help="meta-train a method; writes a run directory",
+                       description="Meta-train METHOD on episodes from --data. Method options "
+                                   "(see `fewshot methods`) and every config key are flags; --config FILE.yaml "
+                                   "sets defaults that flags override.")
+    p.add_argument("method", nargs="?", help="registered method (fewshot methods); optional with --config")
+    p.add_argument("--config", help="YAML recipe (see recipes/)")
+    p.add_argument("--out", help="run directory (default: runs/METHOD)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
+    p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option (repeatable), e.g. -O distance=cosine")
+    g = p.add_argument_group("run")
+    _add_dataclass_options(g, RunConfig, "run_", skip=("method", "options", "train", "augment", "size"))
+    g.add_argument("--size", dest="run_size", type=_size, default=None, help="image size N or HxW (default: 28)")
+    g.add_argument("--augment", dest="run_augment", choices=["none", "affine"], default=None,
+                   help="batch augmentation (default: none)")
+    g.add_argument("--affine-degrees", type=float, default=None)
+    g.add_argument("--affine-translate", type=float, default=None)
+    tg = p.add_argument_group("training")
+    _add_dataclass_options(tg, TrainConfig, "train_", skip=("precision", "channels_last", "seed"))
+    mg = p.add_argument_group("method options (apply to the method that has them)")
+    seen = set()
+    for name in methods.available():
+        cls = methods.get(name)
+        for f in dataclasses.fields(cls.Config):
+            if f.name in seen:
+                continue
+            seen.add(f.name)
+    for name in sorted(seen):
+        mg.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, default=None,
+                        metavar=name.upper(), help="method option")
+    p.set_defaults(func=cmd_train)
+
+
+def _coerce_option(method: str, key: str, value):
+    """Turn a string option into the type of the method's Config field."""
+    from . import methods
+    cls = methods.get(method)
+    hints = typing.get_type_hints(cls.Config)
+    names = {f.name for f in dataclasses.fields(cls.Config)}
+    if key not in names:
+        raise FewshotError(f"method {method!r} has no option {key!r}; options: {', '.join(sorted(names))}")
+    if not isinstance(value, str):
+        return value
+    t = hints[key]
+    try:
+        if t is bool:
+            return _parse_bool(value)
+        if t is int:
+            return int(value)
+        if t is float:
+            return float(value)
+        if typing.get_origin(t) in (list, List):
+            return _int_list(value)
+    except (ValueError, argparse.ArgumentTypeError):
+        raise FewshotError(f"bad value {value!r} for option {key}") from None
+    return value
+
+
+def cmd_train(a) -> int:
+    from . import methods
+    from .config import RunConfig
+    from .run import evaluate_run, fit
+    cfg = RunConfig.load(a.config) if a.config else RunConfig()
+    if a.method:
+        methods.get(a.method)
+        if a.config and cfg.method != a.method:
+            cfg.options = {}
+        cfg.method = a.method
+    elif not a.config:
+        raise FewshotError("name a method (see `fewshot methods`) or pass --config")
+    for k, v in vars(a).items():
+        if v is None:
+            continue
+        if k.startswith("run_"):
+            key = k[4:]
+            if key == "augment":
+                cfg.augment = {} if v == "none" else {"affine": dict(cfg.augment.get("affine") or {})}
+            else:
+                setattr(cfg, key, v)
+        elif k.startswith("train_"):
+            setattr(cfg.train, k[6:], v)
+    if a.affine_degrees is not None or a.affine_translate is not None:
+        aff = dict(cfg.augment.get("affine") or {})
+        if a.affine_degrees is not None:
+            aff["degrees"] = a.affine_degrees
+        if a.affine_translate is not None:
+            aff["translate"] = a.affine_translate
+        cfg.augment = {"affine": aff}
+    mcls = methods.get(cfg.method)
+    mnames = {f.name for f in dataclasses.fields(mcls.Config)}
+    for k, v in vars(a).items():
+        if k.startswith("opt_") and v is not None:
+            key = k[4:]
+            if key not in mnames:
+                raise FewshotError(f"method {cfg.method!r} has no option --{key.replace('_', '-')}")
+            cfg.options[key] = _coerce_option(cfg.method, key, v)
+    for kv in a.option:
+        key, eq, val = kv.partition("=")
+        if not eq:
+            raise FewshotError(f"--option takes KEY=VALUE, got {kv!r}")
+        cfg.options[key.replace("-", "_")] = _coerce_option(cfg.method, key.replace("-", "_"), val)
+    out = Path(a.out or f"runs/{cfg.method}")
+    run = fit(cfg, out, resume=a.resume, progress=not a.no_progress)
+    print(f"trained {cfg.method} for {run.checkpoint['step']} steps "
+          f"({run.checkpoint['train_time_s']:.0f} s of training); run directory: {out}")
+    if not a.no_eval:
+        res = evaluate_run(run, ways=cfg.test_ways, shots=cfg.test_shots, queries=cfg.test_queries,
+                           episodes=cfg.test_episodes, progress=not a.no_progress)
+        print(f"test accuracy: {res}")
+    return 0
+
+
+def cmd_eval(a) -> int:
+    from .run import evaluate_run, lake_eval, load_run
+    run = load_run(a.run, a.checkpoint, device=a.device)
+    if a.lake_runs:
+        res = lake_eval(run, a.lake_runs)
+        for r in res["runs"]:
+            print(f"{r['run']}: error {r['error_rate']:.1f}% ({r['errors']}/{r['n']})")
+        print(f"overall error rate: {res['error_rate']:.2f}% over {res['n']} test images "
+              f"({len(res['runs'])} runs)")
+        return 0
+    res = evaluate_run(run, a.data, a.ways, a.shots, a.queries, a.episodes, a.seed, progress=not a.no_progress)
+    print(res)
+    return 0
+
+
+def cmd_predict(a) -> int:
+    from .run import load_run, predict_run
+    run = load_run(a.run, a.checkpoint, device=a.device)
+    out = a.out or (Path(a.run) / "predictions.csv" if Path(a.run).is_dir() else "predictions.csv")
+    rows = predict_run(run, a.support, a.query, out)
+    for path, label, p in rows:
+        print(f"{path}\t{label}\t{p:.3f}")
+    print(f"wrote {out}", file=sys.stderr)
+    return 0
+
+
+def cmd_plot(a) -> int:
+    from .plot import plot_run
+    from .run import load_run
+    run = load_run(a.run, a.checkpoint, device=a.device)
+    for f in plot_run(run, data=a.data, max_classes=a.classes):
+        print(f)
+    return 0
+
+
+def cmd_methods(a) -> int:
+    from . import methods
+    for name in methods.available():
+        cls = methods.get(name)
+        opts = ", ".join(f"{f.name}={f.default if f.default is not dataclasses.MISSING else f.default_factory()}"
+                         for f in dataclasses.fields(cls.Config))
+        print(f"{name:12s} {methods.describe(name)}")
+        if a.verbose:
+            print(f"{'':12s} options: {opts}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+    p = argparse.ArgumentParser(prog="fewshot", description="Few-shot and meta-learning on PyTorch.")
+    p.add_argument("--version", action="version", version=f"fewshot {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    _train_parser(sub)
+
+    e = sub.add_parser("eval", help="accuracy ± 95%% CI on held-out classes, or Lake's one-shot runs",
+                       description="Evaluate a run on fixed-seed episodes from held-out classes (the run's "
+                                   "test split, or every class of --data).")
+    e.add_argument("run", help="run directory (or checkpoint file)")
+    e.add_argument("--data", help="evaluate on all classes of this data set instead of the run's test split")
+    e.add_argument("--ways", type=int, default=5)
+    e.add_argument("--shots", type=int, default=1)
+    e.add_argument("--queries", type=int, default=15)
+    e.add_argument("--episodes", type=int, default=1000)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--lake-runs", help="Lake et al.'s all_runs.zip (or its folder): report error rates")
+    _common(e)
+    e.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("predict", help="label new images from a folder of a few labelled examples per class")
+    pr.add_argument("run")
+    pr.add_argument("--support", required=True, help="folder with one subfolder of images per class")
+    pr.add_argument("--query", required=True, nargs="+", help="image files or folders of images")
+    pr.add_argument("--out", help="CSV to write (default: RUN/predictions.csv)")
+    _common(pr)
+    pr.set_defaults(func=cmd_predict)
+
+    pl = sub.add_parser("plot", help="learning curves and a t-SNE of held-out class embeddings (PNG)")
+    pl.add_argument("run")
+    pl.add_argument("--data", help="embed classes of this data set instead of the run's test split")
+    pl.add_argument("--classes", type=int, default=10, help="held-out classes in the t-SNE picture")
+    _common(pl)
+    pl.set_defaults(func=cmd_plot)
+
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.add_argument("--verbose", "-v", action="store_true", help="also list each method's options")
+    m.set_defaults(func=cmd_methods)
+    return p
+
+
+def _common(p) -> None:
+    p.add_argument("--checkpoint", default="best", choices=["best", "last"])
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except FewshotError as e:
+        print(f"fewshot: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fewshot: interrupted (training state saved to last.pt; continue with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Image decoding and preprocessing with Pillow (no torchvision).
+
+A :class:`Preprocess` records everything needed to turn a raw file into the tensor a model saw in
+training (size, channels, inversion). It is stored in every run, so ``predict`` and ``eval`` on new
+folders apply exactly the same steps.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import asdict, dataclass
+from typing import Union
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import FewshotError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".pgm", ".ppm", ".pbm", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How raw images become uint8 tensors ``[C, H, W]``.
+
+    size: (height, width) after resizing. channels: 1 (grey) or 3 (RGB). invert: store ``255 - value``
+    (Omniglot and glyphs: black strokes on white become strokes = 1 after scaling to [0, 1]).
+    """
+
+    size: tuple = (28, 28)
+    channels: int = 1
+    invert: bool = False
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "Preprocess":
+        return Preprocess(size=tuple(int(s) for s in d["size"]), channels=int(d["channels"]),
+                          invert=bool(d["invert"]))
+
+
+def as_size(size) -> tuple:
+    """28 -> (28, 28); (h, w) stays."""
+    if isinstance(size, int):
+        return (size, size)
+    s = tuple(int(v) for v in size)
+    if len(s) != 2 or min(s) < 1:
+        raise FewshotError(f"image size must be an int or (height, width), got {size!r}")
+    return s
+
+
+def convert(img: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """A PIL image -> uint8 tensor [C, H, W] following ``pre``."""
+    mode = "L" if pre.channels == 1 else "RGB"
+    if img.mode in ("P", "LA", "RGBA", "PA") and mode == "L":
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    img = img.convert(mode)
+    h, w = pre.size
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.BILINEAR)
+    a = np.array(img, dtype=np.uint8)
+    if a.ndim == 2:
+        a = a[None]
+    else:
+        a = a.transpose(2, 0, 1)
+    if pre.invert:
+        a = 255 - a
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def load_image(source: Union[str, os.PathLike, bytes], pre: Preprocess, name: str | None = None) -> torch.Tensor:
+    """Decode a file path or raw bytes into a uint8 tensor [C, H, W]; unreadable input names the file."""
+    label = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
+    try:
+        if isinstance(source, bytes):
+            img = Image.open(io.BytesIO(source))
+        else:
+            img = Image.open(source)
+        img.load()
+    except FileNotFoundError:
+        raise FewshotError(f"image not found: {label}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise FewshotError(f"cannot read image {label}: {e.__class__.__name__}: {e}") from None
+    return convert(img, pre)
+
+
+def is_image_file(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def to_float(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """uint8 images -> floats in [0, 1]."""
+    return x.to(dtype).div_(255.0)

@@ -1,0 +1,167 @@
+"""Episode sampler: batches of N-way K-shot tasks built by tensor indexing from a seeded generator.
+
+An :class:`Episode` holds a batch of ``B`` tasks:
+
+- ``support_x`` ``[B, N*K, C, H, W]`` and ``support_y`` ``[B, N*K]`` with labels ``0..N-1``,
+- ``query_x`` ``[B, N*Q, C, H, W]`` and ``query_y`` ``[B, N*Q]``.
+
+Examples are ordered class by class (label ``n`` occupies rows ``n*K .. n*K+K-1``); the classes behind the
+labels are a random draw per task, so label order carries no information. Sampling draws class choices
+and image choices for all tasks at once from one ``torch.Generator`` and gathers with a single indexing
+operation, on the device of the data.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Iterator, Optional
+
+import torch
+
+from .data.dataset import ClassDataset
+from .errors import FewshotError
+
+
+@dataclass
+class Episode:
+    support_x: torch.Tensor
+    support_y: torch.Tensor
+    query_x: torch.Tensor
+    query_y: torch.Tensor
+    ways: int
+    shots: int
+    queries: int
+    #: dataset class index of each way, ``[B, N]`` (for analysis and plots)
+    classes: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def batch(self) -> int:
+        return self.support_x.shape[0]
+
+    def to(self, device=None, dtype=None) -> "Episode":
+        def mv(t, is_x):
+            if t is None:
+                return t
+            return t.to(device=device, dtype=dtype if (is_x and dtype is not None) else None)
+        return replace(self, support_x=mv(self.support_x, True), query_x=mv(self.query_x, True),
+                       support_y=mv(self.support_y, False), query_y=mv(self.query_y, False))
+
+    def task(self, i: int) -> "Episode":
+        """Task ``i`` alone, keeping a task axis of size 1."""
+        sl = slice(i, i + 1)
+        return replace(self, support_x=self.support_x[sl], support_y=self.support_y[sl],
+                       query_x=self.query_x[sl], query_y=self.query_y[sl],
+                       classes=None if self.classes is None else self.classes[sl])
+
+
+class EpisodeSampler:
+    """Draws batches of N-way K-shot Q-query tasks from a :class:`ClassDataset`.
+
+    Args:
+        dataset: where the classes come from.
+        ways, shots, queries: N, K and Q.
+        batch: tasks per :class:`Episode` (the leading axis B).
+        device: where the images live and episodes are built (the dataset's uint8 data is moved once).
+        seed: seeds the sampler's own generator; the same seed gives the same episodes.
+        dtype: float type of the images in episodes (scaled to [0, 1]); ``None`` keeps uint8.
+        float_cache_bytes: when the data converted to ``dtype`` fits in this many bytes, it is converted
+            once up front so an episode is a single gather (the default, 1 GiB, covers Omniglot at 28x28
+            with rotations many times over); larger data is converted per episode.
+        transform: optional callable applied to each episode's image tensors (augmentation), given
+            ``(x, generator)`` with ``x`` of shape ``[B, M, C, H, W]``.
+    """
+
+    def __init__(self, dataset: ClassDataset, ways: int, shots: int, queries: int, batch: int = 1,
+                 device="cpu", seed: int = 0, dtype=torch.float32, transform=None,
+                 float_cache_bytes: int = 1 << 30):
+        for k, v in (("ways", ways), ("shots", shots), ("batch", batch)):
+            if int(v) < 1:
+                raise FewshotError(f"{k} must be at least 1, got {v}")
+        if int(queries) < 0:
+            raise FewshotError(f"queries must be at least 0, got {queries}")
+        self.dataset, self.ways, self.shots, self.queries, self.batch = dataset, int(ways), int(shots), \
+            int(queries), int(batch)
+        self.device = torch.device(device)
+        self.dtype, self.transform = dtype, transform
+        n_cls = len(dataset)
+        if self.ways > n_cls:
+            raise FewshotError(f"asked for {self.ways} ways but the data has only {n_cls} classes")
+        need = self.shots + self.queries
+        small = (dataset.counts < need).nonzero().flatten()
+        if len(small):
+            c = int(small[0])
+            raise FewshotError(f"class {dataset.names[c]!r} has {int(dataset.counts[c])} images but "
+                               f"{self.shots} shots + {self.queries} queries = {need} are needed per class "
+                               f"({len(small)} class(es) too small)")
+        self.data = dataset.data.to(self.device)
+        self.image_shape = tuple(dataset.data.shape[1:])
+        n_bytes = self.data.numel() * (torch.finfo(dtype).bits // 8 if dtype is not None else 1)
+        self.prescaled = dtype is not None and n_bytes <= float_cache_bytes
+        if self.prescaled:
+            self.data = self.data.to(dtype).div_(255.0)
+        self.flat = self.data.view(self.data.shape[0], -1)
+        self.counts = dataset.counts.to(self.device)
+        self.offsets = dataset.offsets.to(self.device)
+        self.uniform = bool((dataset.counts == dataset.counts[0]).all())
+        self.max_count = int(dataset.counts.max())
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    # ---------------------------------------------------------------- state for exact resume
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    # ---------------------------------------------------------------- sampling
+    def _indices(self, B: int) -> tuple:
+        """Image indices ``[B, N, K+Q]`` into ``data`` and the class chosen for each way ``[B, N]``."""
+        N, M, g = self.ways, self.shots + self.queries, self.generator
+        n_cls = len(self.counts)
+        cls = torch.rand(B, n_cls, generator=g, device=self.device).topk(N, dim=1, sorted=False).indices
+        if self.uniform:
+            cnt = self.max_count
+            within = torch.rand(B, N, cnt, generator=g, device=self.device).argsort(dim=2)[:, :, :M]
+        else:
+            keys = torch.rand(B, N, self.max_count, generator=g, device=self.device)
+            valid = torch.arange(self.max_count, device=self.device) < self.counts[cls].unsqueeze(-1)
+            keys = keys.masked_fill(~valid, 2.0)
+            within = keys.argsort(dim=2)[:, :, :M]
+        return self.offsets[cls].unsqueeze(-1) + within, cls
+
+    def _gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Images at ``idx`` ``[B, N, M]`` -> ``[B, N*M, C, H, W]`` in the episode dtype."""
+        B = idx.shape[0]
+        x = self.flat.index_select(0, idx.reshape(-1))
+        if self.dtype is not None and not self.prescaled:
+            x = x.to(self.dtype).div_(255.0)
+        return x.view(B, -1, *self.image_shape)
+
+    def sample(self, batch: Optional[int] = None) -> Episode:
+        B = batch or self.batch
+        N, K, Q = self.ways, self.shots, self.queries
+        idx, cls = self._indices(B)
+        sx, qx = self._gather(idx[:, :, :K]), self._gather(idx[:, :, K:])
+        if self.transform is not None:
+            sx = self.transform(sx, self.generator)
+            qx = self.transform(qx, self.generator)
+        labels = torch.arange(N, device=self.device)
+        sy = labels.repeat_interleave(K).expand(B, N * K)
+        qy = labels.repeat_interleave(Q).expand(B, N * Q)
+        return Episode(sx, sy, qx, qy, N, K, Q, classes=cls)
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
+
+    def __repr__(self) -> str:
+        return (f"EpisodeSampler({self.ways}-way {self.shots}-shot {self.queries}-query, batch {self.batch}, "
+                f"{len(self.dataset)} classes, seed {self.seed}, device {self.device})")
+
+
+def episodes(dataset: ClassDataset, ways: int, shots: int, queries: int = 15, batch: int = 1, device="cpu",
+             seed: int = 0, **kw) -> EpisodeSampler:
+    """Shorthand for :class:`EpisodeSampler`."""
+    return EpisodeSampler(dataset, ways, shots, queries, batch=batch, device=device, seed=seed, **kw)

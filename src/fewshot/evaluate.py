@@ -1,0 +1,106 @@
+"""The one evaluation protocol: fixed-seed test episodes, mean accuracy +- 1.96 sigma / sqrt(n).
+
+Episodes are drawn in batches of :data:`EVAL_BATCH` tasks from a sampler reset to its seed, so every
+method is scored on exactly the same episodes whatever its memory needs (``chunk`` only splits the
+forward passes). Batch norm runs in evaluation mode (running statistics: inductive).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from tqdm.auto import tqdm
+
+from .episodes import EpisodeSampler
+from .precision import autocast
+
+EVAL_BATCH = 25
+DEFAULT_EPISODES = 1000
+
+
+@dataclass
+class EvalResult:
+    mean: float            #: mean accuracy in percent
+    ci95: float            #: 1.96 * std / sqrt(n), percent
+    std: float
+    n: int
+    ways: int
+    shots: int
+    queries: int
+    seed: int
+    mode: str = "inductive"
+    loss: float = float("nan")
+    accuracies: List[float] = field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        return (f"{self.mean:.2f} ± {self.ci95:.2f} % (95% CI, {self.n} episodes, seed {self.seed}, "
+                f"{self.ways}-way {self.shots}-shot {self.queries}-query, {self.mode})")
+
+    def summary(self) -> dict:
+        d = asdict(self)
+        d.pop("accuracies")
+        return d
+
+
+def mean_ci(values: List[float]) -> tuple:
+    """(mean, 1.96*std/sqrt(n), std) with the population std (ddof=0), as the literature reports."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan"), float("nan")
+    m = sum(values) / n
+    sd = math.sqrt(sum((v - m) ** 2 for v in values) / n)
+    return m, 1.96 * sd / math.sqrt(n), sd
+
+
+@torch.no_grad()
+def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, precision: str = "fp32",
+             chunk: Optional[int] = None, progress: bool = True, csv_path: str | os.PathLike | None = None,
+             desc: str = "eval") -> EvalResult:
+    """Accuracy of ``method`` on ``episodes`` tasks from ``sampler`` (reset to its seed first)."""
+    was_training = method.training
+    method.eval()
+    sampler.generator.manual_seed(sampler.seed)
+    device = sampler.device
+    accs: List[float] = []
+    losses: List[float] = []
+    bar = tqdm(total=episodes, desc=desc, disable=not progress, leave=False, unit="ep")
+    try:
+        while len(accs) < episodes:
+            ep = sampler.sample(EVAL_BATCH)
+            step = chunk or EVAL_BATCH
+            for i in range(0, EVAL_BATCH, step):
+                sl = slice(i, i + step)
+                with autocast(device, precision):
+                    logits = method.predict(ep.support_x[sl], ep.support_y[sl], ep.query_x[sl], ep.ways)
+                logits = logits.float()
+                qy = ep.query_y[sl]
+                acc = (logits.argmax(-1) == qy).float().mean(-1)
+                nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), qy.flatten(), reduction="none")
+                accs.extend((acc * 100).tolist())
+                losses.extend(nll.view(qy.shape).mean(-1).tolist())
+            bar.update(min(EVAL_BATCH, episodes - bar.n))
+    finally:
+        bar.close()
+        method.train(was_training)
+    accs, losses = accs[:episodes], losses[:episodes]
+    m, ci, sd = mean_ci(accs)
+    res = EvalResult(m, ci, sd, len(accs), sampler.ways, sampler.shots, sampler.queries, sampler.seed,
+                     loss=sum(losses) / len(losses), accuracies=accs)
+    if csv_path is not None:
+        write_episode_csv(res, losses, csv_path)
+    return res
+
+
+def write_episode_csv(res: EvalResult, losses: List[float], path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["episode", "accuracy", "loss", "ways", "shots", "queries", "seed"])
+        for i, (a, l) in enumerate(zip(res.accuracies, losses)):
+            w.writerow([i, f"{a:.4f}", f"{l:.6f}", res.ways, res.shots, res.queries, res.seed])

@@ -1,0 +1,114 @@
+"""Prototypical networks (Snell, Swersky & Zemel 2017).
+
+Prototype c_k = mean of the support embeddings of class k; p(y = k | x) = softmax_k(-d(f(x), c_k)) and the
+loss is the NLL of the query labels. Distances: squared Euclidean (default), Euclidean (the MLP-encoder
+variant's plain ``cdist``), cosine (d = 1 - cos, norms clamped at 1e-8) and dot (d = -x.y). Optional L2
+weight penalty lambda * sum 1/2 ||theta||^2 inside the loss, and an optional learned scale on the logits.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FewshotError
+from ..models import Conv4, MLP
+from . import register
+from .base import Method, accuracy, infer_ways
+
+DISTANCES = ("sqeuclidean", "euclidean", "cosine", "dot")
+
+
+def prototypes(z: torch.Tensor, y: torch.Tensor, ways: int) -> torch.Tensor:
+    """Class means: embeddings ``[B, S, D]`` with labels ``[B, S]`` in ``0..ways-1`` -> ``[B, ways, D]``."""
+    onehot = F.one_hot(y, ways).to(z.dtype)                       # [B, S, N]
+    sums = onehot.transpose(1, 2) @ z                              # [B, N, D]
+    counts = onehot.sum(1).unsqueeze(-1)                           # [B, N, 1]
+    if bool((counts == 0).any()):
+        raise FewshotError("every class of a task needs at least one support example")
+    return sums / counts
+
+
+def distance(q: torch.Tensor, c: torch.Tensor, kind: str = "sqeuclidean") -> torch.Tensor:
+    """Pairwise distances between queries ``[B, M, D]`` and prototypes ``[B, N, D]`` -> ``[B, M, N]``."""
+    if kind in ("sqeuclidean", "euclidean"):
+        d = (q.pow(2).sum(-1, keepdim=True) + c.pow(2).sum(-1).unsqueeze(1)
+             - 2 * q @ c.transpose(1, 2)).clamp_min(0)
+        return d if kind == "sqeuclidean" else d.clamp_min(1e-12).sqrt()
+    if kind == "cosine":
+        qn = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        cn = c / c.norm(dim=-1, keepdim=True).clamp_min(1e-8)
+        return 1 - qn @ cn.transpose(1, 2)
+    if kind == "dot":
+        return -(q @ c.transpose(1, 2))
+    raise FewshotError(f"unknown distance {kind!r}; choose from {', '.join(DISTANCES)}")
+
+
+def make_backbone(kind: str, in_shape, hidden: int, mlp_hidden, embedding: int) -> nn.Module:
+    if kind == "auto":
+        kind = "conv4" if len(in_shape) == 3 else "mlp"
+    if kind == "conv4":
+        if len(in_shape) != 3:
+            raise FewshotError(f"conv4 needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+        return Conv4(in_shape[0], hidden)
+    if kind == "mlp":
+        return MLP(int(torch.Size(in_shape).numel()), tuple(mlp_hidden), embedding)
+    raise FewshotError(f"unknown backbone {kind!r}; choose conv4, mlp or auto")
+
+
+@register("protonet")
+class ProtoNet(Method):
+    """Prototypical network: nearest class mean in an embedding space (Snell et al. 2017)."""
+
+    @dataclass
+    class Config:
+        backbone: str = "auto"          #: conv4 for images, mlp for vectors
+        hidden: int = 64                #: conv4 channels
+        mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
+        embedding: int = 64             #: mlp output size
+        distance: str = "sqeuclidean"   #: sqeuclidean | euclidean | cosine | dot
+        l2_penalty: float = 0.0         #: lambda of the in-loss weight penalty (0.05 in one variant)
+        learn_scale: bool = False       #: learn a temperature multiplying the logits
+        scale: float = 1.0              #: (initial) temperature
+
+    def __init__(self, config: "ProtoNet.Config", in_shape):
+        super().__init__(config, in_shape)
+        if config.distance not in DISTANCES:
+            raise FewshotError(f"unknown distance {config.distance!r}; choose from {', '.join(DISTANCES)}")
+        self.backbone = make_backbone(config.backbone, self.in_shape, config.hidden, config.mlp_hidden,
+                                      config.embedding)
+        s = torch.tensor(float(config.scale))
+        if config.learn_scale:
+            self.log_scale = nn.Parameter(s.log())
+        else:
+            self.register_buffer("log_scale", s.log())
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def _logits(self, zs, ys, zq, ways):
+        protos = prototypes(zs.float(), ys, ways)
+        return -distance(zq.float(), protos, self.config.distance) * self.log_scale.exp()
+
+    def _embed_both(self, sx: torch.Tensor, qx: torch.Tensor):
+        B, S, Q = sx.shape[0], sx.shape[1], qx.shape[1]
+        z = self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)]))
+        return z[:B * S].view(B, S, -1), z[B * S:].view(B, Q, -1)
+
+    def predict(self, support_x, support_y, query_x, ways=None):
+        ways = infer_ways(support_y, ways)
+        zs, zq = self._embed_both(support_x, query_x)
+        return self._logits(zs, support_y, zq, ways)
+
+    def loss(self, episode):
+        logits = self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+        loss = F.cross_entropy(logits.flatten(0, 1), episode.query_y.flatten())
+        metrics = {"ce": float(loss.detach())}
+        if self.config.l2_penalty:
+            penalty = sum(0.5 * p.pow(2).sum() for n, p in self.named_parameters() if n != "log_scale")
+            loss = loss + self.config.l2_penalty * penalty
+        metrics["acc"] = float(accuracy(logits.detach(), episode.query_y).mean())
+        return loss, metrics

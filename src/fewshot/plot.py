@@ -1,0 +1,109 @@
+"""``fewshot plot RUN``: learning curves and a t-SNE picture of held-out class embeddings (PNG)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+from .errors import FewshotError
+
+
+def _plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def learning_curves(run_dir: Path, out: Path) -> Optional[Path]:
+    """Training loss/accuracy (smoothed) and validation accuracy +- CI against the step."""
+    f = run_dir / "metrics.jsonl"
+    if not f.is_file():
+        return None
+    rows = [json.loads(l) for l in f.read_text().splitlines() if l.strip()]
+    tr = [r for r in rows if r.get("kind") == "train"]
+    va = [r for r in rows if r.get("kind") == "val"]
+    if not tr:
+        return None
+    plt = _plt()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    steps = [r["step"] for r in tr]
+
+    def smooth(v, k=max(1, len(tr) // 50)):
+        out, acc = [], 0.0
+        for i, x in enumerate(v):
+            acc += x
+            if i >= k:
+                acc -= v[i - k]
+            out.append(acc / min(i + 1, k))
+        return out
+    axes[0].plot(steps, [r["loss"] for r in tr], alpha=0.3, color="C0")
+    axes[0].plot(steps, smooth([r["loss"] for r in tr]), color="C0", label="train loss")
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss")
+    axes[0].set_yscale("log")
+    axes[0].legend()
+    axes[1].plot(steps, smooth([100 * r["acc"] for r in tr]), color="C0", label="train episodes")
+    if va:
+        axes[1].errorbar([r["step"] for r in va], [r["val_acc"] for r in va], yerr=[r["val_ci"] for r in va],
+                         color="C1", marker="o", capsize=3, label="validation (held-out classes)")
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("accuracy (%)")
+    axes[1].legend()
+    fig.suptitle(f"{run_dir.name}: learning curves")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+@torch.no_grad()
+def tsne_embeddings(run, ds, out: Path, max_classes: int = 10, per_class: int = 20, seed: int = 0) -> Path:
+    """t-SNE of the method's embeddings of up to ``max_classes`` held-out classes."""
+    from sklearn.manifold import TSNE
+    g = torch.Generator().manual_seed(seed)
+    n = min(max_classes, len(ds))
+    classes = torch.randperm(len(ds), generator=g)[:n].tolist()
+    xs, ys = [], []
+    for i, c in enumerate(classes):
+        imgs = ds.images(c)[:per_class]
+        xs.append(imgs)
+        ys += [i] * len(imgs)
+    x = torch.cat(xs).float().div(255).to(run.device)
+    try:
+        z = torch.cat([run.method.embed(x[i:i + 256]).float().flatten(1).cpu() for i in range(0, len(x), 256)])
+    except FewshotError:
+        raise
+    perplexity = max(2.0, min(30.0, (len(z) - 1) / 3))
+    e = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z.numpy())
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 6))
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    for i, c in enumerate(classes):
+        m = [j for j, y in enumerate(ys) if y == i]
+        ax.scatter(e[m, 0], e[m, 1], s=14, color=cmap(i % cmap.N), label=ds.names[c][:28])
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(f"t-SNE of {run.method.name} embeddings: {n} held-out classes")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Path]:
+    """Write the run's plots under ``RUN/plots``; returns the files written."""
+    from .run import test_classes
+    out_dir = Path(run.path) / "plots"
+    written = []
+    lc = learning_curves(Path(run.path), out_dir / "learning_curves.png")
+    if lc:
+        written.append(lc)
+    ds = test_classes(run, data)
+    written.append(tsne_embeddings(run, ds, out_dir / "tsne_test_classes.png", max_classes=max_classes))
+    return written

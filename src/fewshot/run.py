@@ -1,0 +1,232 @@
+"""High-level runs: ``fit`` a configured method into a run directory, then ``evaluate_run``,
+``predict_run`` and ``lake_eval`` from that directory. The CLI is a thin layer over these.
+
+A run directory holds ``config.yaml`` (resolved), ``classes_{train,val,test}.txt``,
+``checkpoints/{best,last}.pt``, ``metrics.{csv,jsonl}``, ``eval/*.json|csv`` and ``plots/*.png``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import torch
+
+from . import checkpoint, data as fsdata, methods
+from .augment import build_transform
+from .config import RunConfig, parse_split
+from .data.dataset import ClassDataset
+from .data.images import Preprocess
+from .episodes import EpisodeSampler
+from .errors import FewshotError
+from .evaluate import EvalResult, evaluate
+from .models import set_channels_last
+from .precision import autocast, resolve_channels_last, resolve_device, resolve_precision
+from .train import train
+
+
+# ------------------------------------------------------------------------------------------ splits
+def split_dataset(ds: ClassDataset, cfg: RunConfig) -> tuple:
+    """(train, val, test) class splits of ``ds`` as the config says."""
+    sp = parse_split(cfg.split)
+    val = None
+    if sp["kind"] == "fraction":
+        train, test = ds.split_fraction(test=sp["test"], seed=cfg.split_seed)
+    elif sp["kind"] == "group":
+        if sp["val"]:
+            train, val, test = ds.split_by_group(sp["test"], sp["val"])
+        else:
+            train, test = ds.split_by_group(sp["test"])
+    else:
+        lists = [_read_list(sp["train"]), _read_list(sp["test"])]
+        if sp["val"]:
+            lists.append(_read_list(sp["val"]))
+        parts = ds.split_by_names(*lists)
+        train, test = parts[0], parts[1]
+        val = parts[2] if len(parts) > 2 else None
+        overlap = set(train.names) & set(test.names)
+        if overlap:
+            raise FewshotError(f"class {sorted(overlap)[0]!r} is in both the train and test lists")
+    if val is None and cfg.val_fraction > 0:
+        if len(train) >= 4:
+            train, val = train.split_fraction(test=cfg.val_fraction, seed=cfg.split_seed + 1)
+    return train, val, test
+
+
+def _read_list(path: str) -> List[str]:
+    p = Path(path)
+    if not p.is_file():
+        raise FewshotError(f"no such class-list file: {path}")
+    return [l.strip() for l in p.read_text().splitlines() if l.strip() and not l.startswith("#")]
+
+
+# ------------------------------------------------------------------------------------------ fit
+@dataclass
+class Run:
+    """A trained method loaded from a run directory."""
+    method: torch.nn.Module
+    config: RunConfig
+    preprocess: Preprocess
+    path: Path
+    device: torch.device
+    precision: str
+    checkpoint: dict
+
+
+def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, on_step=None,
+        dataset: Optional[ClassDataset] = None) -> Run:
+    """Train ``cfg.method`` as configured; returns the trained run (best checkpoint loaded)."""
+    out = Path(out)
+    if out.exists() and not resume and (out / "checkpoints" / "last.pt").exists():
+        raise FewshotError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    device = resolve_device(cfg.device)
+    cfg.precision = resolve_precision(cfg.precision, device)
+    cfg.channels_last = resolve_channels_last(cfg.channels_last, device)
+    cfg.train.precision, cfg.train.channels_last, cfg.train.seed = cfg.precision, cfg.channels_last, cfg.seed
+    if resume:
+        saved = out / "config.yaml"
+        if saved.is_file():
+            old = RunConfig.load(saved)
+            if old.method != cfg.method:
+                raise FewshotError(f"{out} holds a {old.method!r} run, not {cfg.method!r}")
+    ds = dataset if dataset is not None else fsdata.load(cfg.data, size=cfg.size, channels=cfg.channels,
+                                                         invert=cfg.invert)
+    train_ds, val_ds, test_ds = split_dataset(ds, cfg)
+    if cfg.rotations:
+        train_ds = train_ds.with_rotations()
+    torch.manual_seed(cfg.seed)
+    method = methods.build(cfg.method, ds.image_shape, **cfg.options)
+    sampler = EpisodeSampler(train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
+                             seed=cfg.seed, transform=build_transform(cfg.augment))
+    val_sampler = None
+    if val_ds is not None and cfg.train.val_every:
+        val_sampler = EpisodeSampler(val_ds, min(cfg.val_ways, len(val_ds)), cfg.val_shots, cfg.val_queries,
+                                     device=device, seed=1)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    for name, part in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
+        if part is not None:
+            (out / f"classes_{name}.txt").write_text("".join(n + "\n" for n in part.names))
+    meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
+    train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
+          progress=progress, on_step=on_step)
+    return load_run(out, "best", device=device)
+
+
+# ------------------------------------------------------------------------------------------ load
+def load_run(path: str | Path, which: str = "best", device=None) -> Run:
+    """Load a trained method from a run directory (or a checkpoint file)."""
+    path = Path(path)
+    if path.is_file():
+        ck_path, run_dir = path, path.parent.parent
+    else:
+        if not path.is_dir():
+            raise FewshotError(f"no such run directory: {path}")
+        ck_path, run_dir = path / "checkpoints" / f"{which}.pt", path
+    dev = resolve_device(device or "auto")
+    ck = checkpoint.load(ck_path, map_location=dev)
+    for key in ("method", "method_config", "in_shape", "model", "preprocess"):
+        if key not in ck:
+            raise FewshotError(f"{ck_path} is not a fewshot run checkpoint (missing {key!r})")
+    method = methods.build(ck["method"], ck["in_shape"], **ck["method_config"])
+    try:
+        method.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise FewshotError(f"{ck_path} does not fit a {ck['method']} model of input shape "
+                           f"{tuple(ck['in_shape'])}: {str(e).splitlines()[0]}") from None
+    cfg = RunConfig.from_dict(ck.get("run_config") or {"method": ck["method"]})
+    method.to(dev)
+    channels_last = resolve_channels_last(cfg.channels_last, dev)
+    set_channels_last(method, channels_last)
+    method.eval()
+    precision = resolve_precision(cfg.precision if cfg.precision in ("fp32", "bf16") else "auto", dev)
+    return Run(method, cfg, Preprocess.from_dict(ck["preprocess"]), run_dir, dev, precision, ck)
+
+
+def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
+    """The held-out classes to evaluate on: all classes of ``data`` if given, else the run's test split."""
+    if data is not None:
+        return fsdata.load_like(data, run.preprocess)
+    cfg = run.config
+    ds = fsdata.load_like(cfg.data, run.preprocess)
+    listed = run.path / "classes_test.txt"
+    if listed.is_file():
+        return ds.split_by_names(_read_list(str(listed)))[0]
+    return split_dataset(ds, cfg)[2]
+
+
+def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int = 1, queries: int = 15,
+                 episodes: int = 1000, seed: int = 0, progress: bool = True, save: bool = True) -> EvalResult:
+    """Evaluate a run on held-out classes; writes ``eval/<N>w<K>s.json`` and the per-episode CSV."""
+    ds = test_classes(run, data)
+    sampler = EpisodeSampler(ds, ways, shots, queries, device=run.device, seed=seed)
+    tag = f"{ways}w{shots}s{queries}q-seed{seed}" + ("" if data is None else "-" + Path(data).name)
+    csv_path = run.path / "eval" / f"{tag}.csv" if save else None
+    res = evaluate(run.method, sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
+                   desc=f"eval {ways}w{shots}s")
+    if save:
+        (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
+            {**res.summary(), "data": data or run.config.data, "classes": len(ds),
+             "checkpoint_step": run.checkpoint.get("step")}, indent=1))
+    return res
+
+
+# ------------------------------------------------------------------------------------------ predict
+@torch.no_grad()
+def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[str | Path] = None) -> list:
+    """Label query images from a support folder (one subfolder of a few images per class).
+
+    Returns [(query path, predicted class, probability)] and writes them as CSV when ``out_csv`` is given.
+    """
+    from .data.folder import image_folder, list_images, load_files
+    sup = image_folder(support, size=run.preprocess.size, channels=run.preprocess.channels,
+                       invert=run.preprocess.invert, cache=False)
+    files: List[Path] = []
+    for q in query:
+        files.extend(list_images(q))
+    if not files:
+        raise FewshotError("no query images given")
+    qx = load_files(files, run.preprocess)
+    sx = sup.data.float().div(255).unsqueeze(0).to(run.device)
+    sy = sup.labels().unsqueeze(0).to(run.device)
+    qxf = qx.float().div(255).unsqueeze(0).to(run.device)
+    with autocast(run.device, run.precision):
+        logits = run.method.predict(sx, sy, qxf, len(sup))
+    prob = logits.float().softmax(-1)[0]
+    conf, pred = prob.max(-1)
+    rows = [(str(f), sup.names[int(p)], float(c)) for f, p, c in zip(files, pred, conf)]
+    if out_csv is not None:
+        out_csv = Path(out_csv)
+        out_csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(out_csv, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["query", "predicted", "probability"])
+            for r in rows:
+                w.writerow([r[0], r[1], f"{r[2]:.4f}"])
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ Lake runs
+@torch.no_grad()
+def lake_eval(run: Run, path: str) -> dict:
+    """Error rate on Lake et al.'s 20 Omniglot one-shot runs (each 20-way 1-shot within one alphabet)."""
+    runs = fsdata.load_lake_runs(path, run.preprocess)
+    per_run, wrong_total, n_total = [], 0, 0
+    for r in runs:
+        sx = r.train.float().div(255).unsqueeze(0).to(run.device)
+        sy = torch.arange(r.train.shape[0], device=run.device).unsqueeze(0)
+        qx = r.test.float().div(255).unsqueeze(0).to(run.device)
+        with autocast(run.device, run.precision):
+            pred = run.method.predict(sx, sy, qx, r.train.shape[0]).float().argmax(-1)[0].cpu()
+        wrong = int((pred != r.labels).sum())
+        per_run.append({"run": r.name, "errors": wrong, "n": len(r.labels),
+                        "error_rate": 100.0 * wrong / len(r.labels)})
+        wrong_total += wrong
+        n_total += len(r.labels)
+    res = {"runs": per_run, "error_rate": 100.0 * wrong_total / max(n_total, 1), "n": n_total}
+    (run.path / "eval").mkdir(parents=True, exist_ok=True)
+    (run.path / "eval" / "lake_runs.json").write_text(json.dumps(res, indent=1))
+    return res
