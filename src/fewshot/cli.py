@@ -76,6 +76,7 @@ def _train_parser(sub) -> None:
     p.add_argument("--config", help="YAML recipe (see recipes/)")
     p.add_argument("--out", help="run directory (default: runs/METHOD)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--no-eval", action="store_true", help="skip the final test evaluation")
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
@@ -172,7 +173,7 @@ def cmd_train(a) -> int:
             raise FewshotError(f"--option takes KEY=VALUE, got {kv!r}")
         cfg.options[key.replace("-", "_")] = _coerce_option(cfg.method, key.replace("-", "_"), val)
     out = Path(a.out or f"runs/{cfg.method}")
-    run = fit(cfg, out, resume=a.resume, progress=not a.no_progress)
+    run = fit(cfg, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
     print(f"trained {cfg.method} for {run.checkpoint['step']} steps "
           f"({run.checkpoint['train_time_s']:.0f} s of training); run directory: {out}")
     if not a.no_eval:
@@ -229,9 +230,17 @@ def cmd_methods(a) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments are a one-line error like every other user error (no usage dump); subparsers
+    inherit this class."""
+
+    def error(self, message: str):
+        self.exit(2, f"fewshot: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    p = argparse.ArgumentParser(prog="fewshot", description="Few-shot and meta-learning on PyTorch.")
+    p = _Parser(prog="fewshot", description="Few-shot and meta-learning on PyTorch.")
     p.add_argument("--version", action="version", version=f"fewshot {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     _train_parser(sub)

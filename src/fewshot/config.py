@@ -34,6 +34,7 @@ class RunConfig:
     shots: int = 5
     queries: int = 5
     batch: int = 1              #: tasks per training step
+    same_group: float = 0.0     #: probability that a training task takes all its classes from one group
     val_ways: int = 5
     val_shots: int = 1
     val_queries: int = 15

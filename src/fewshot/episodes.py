@@ -64,6 +64,9 @@ class EpisodeSampler:
         device: where the images live and episodes are built (the dataset's uint8 data is moved once).
         seed: seeds the sampler's own generator; the same seed gives the same episodes.
         dtype: float type of the images in episodes (scaled to [0, 1]); ``None`` keeps uint8.
+        same_group: probability that a task draws all its ways from one group of the dataset (e.g. one
+            alphabet): harder negatives, closer to within-alphabet tests. Groups with fewer than ``ways``
+            classes are never chosen. 0 (default) samples classes from the whole dataset.
         float_cache_bytes: when the data converted to ``dtype`` fits in this many bytes, it is converted
             once up front so an episode is a single gather (the default, 1 GiB, covers Omniglot at 28x28
             with rotations many times over); larger data is converted per episode.
@@ -73,7 +76,7 @@ class EpisodeSampler:
 
     def __init__(self, dataset: ClassDataset, ways: int, shots: int, queries: int, batch: int = 1,
                  device="cpu", seed: int = 0, dtype=torch.float32, transform=None,
-                 float_cache_bytes: int = 1 << 30):
+                 same_group: float = 0.0, float_cache_bytes: int = 1 << 30):
         for k, v in (("ways", ways), ("shots", shots), ("batch", batch)):
             if int(v) < 1:
                 raise FewshotError(f"{k} must be at least 1, got {v}")
@@ -105,6 +108,17 @@ class EpisodeSampler:
         self.uniform = bool((dataset.counts == dataset.counts[0]).all())
         self.max_count = int(dataset.counts.max())
         self.seed = seed
+        self.same_group = float(same_group)
+        if self.same_group > 0:
+            if dataset.groups is None:
+                raise FewshotError("same_group sampling needs a data set with groups (e.g. Omniglot alphabets)")
+            names = sorted(set(dataset.groups))
+            gid = torch.tensor([names.index(g) for g in dataset.groups])
+            sizes = torch.bincount(gid, minlength=len(names))
+            self.eligible = (sizes >= self.ways).nonzero().flatten().to(self.device)
+            if len(self.eligible) == 0:
+                raise FewshotError(f"no group has {self.ways} classes; largest has {int(sizes.max())}")
+            self.class_group = gid.to(self.device)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -120,7 +134,13 @@ class EpisodeSampler:
         """Image indices ``[B, N, K+Q]`` into ``data`` and the class chosen for each way ``[B, N]``."""
         N, M, g = self.ways, self.shots + self.queries, self.generator
         n_cls = len(self.counts)
-        cls = torch.rand(B, n_cls, generator=g, device=self.device).topk(N, dim=1, sorted=False).indices
+        keys = torch.rand(B, n_cls, generator=g, device=self.device)
+        if self.same_group > 0:
+            within = torch.rand(B, generator=g, device=self.device) < self.same_group
+            pick = self.eligible[torch.randint(len(self.eligible), (B,), generator=g, device=self.device)]
+            outside = within.unsqueeze(1) & (self.class_group.unsqueeze(0) != pick.unsqueeze(1))
+            keys = keys.masked_fill(outside, -1.0)
+        cls = keys.topk(N, dim=1, sorted=False).indices
         if self.uniform:
             cnt = self.max_count
             within = torch.rand(B, N, cnt, generator=g, device=self.device).argsort(dim=2)[:, :, :M]

@@ -77,11 +77,19 @@ class Run:
 
 
 def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, on_step=None,
-        dataset: Optional[ClassDataset] = None) -> Run:
-    """Train ``cfg.method`` as configured; returns the trained run (best checkpoint loaded)."""
+        dataset: Optional[ClassDataset] = None, overwrite: bool = False) -> Run:
+    """Train ``cfg.method`` as configured; returns the trained run (best checkpoint loaded).
+
+    ``overwrite`` deletes an earlier run in ``out`` first; without it (and without ``resume``) an existing
+    run is an error rather than being silently mixed with the new one.
+    """
     out = Path(out)
     if out.exists() and not resume and (out / "checkpoints" / "last.pt").exists():
-        raise FewshotError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        if not overwrite:
+            raise FewshotError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
+                               "replace it, or choose another --out")
+        import shutil
+        shutil.rmtree(out)
     device = resolve_device(cfg.device)
     cfg.precision = resolve_precision(cfg.precision, device)
     cfg.channels_last = resolve_channels_last(cfg.channels_last, device)
@@ -100,7 +108,7 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
     torch.manual_seed(cfg.seed)
     method = methods.build(cfg.method, ds.image_shape, **cfg.options)
     sampler = EpisodeSampler(train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
-                             seed=cfg.seed, transform=build_transform(cfg.augment))
+                             seed=cfg.seed, transform=build_transform(cfg.augment), same_group=cfg.same_group)
     val_sampler = None
     if val_ds is not None and cfg.train.val_every:
         val_sampler = EpisodeSampler(val_ds, min(cfg.val_ways, len(val_ds)), cfg.val_shots, cfg.val_queries,

@@ -185,7 +185,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
             t_last = now
             lr = opt.param_groups[0]["lr"]
             if not math.isfinite(float(loss.detach())):
-                raise FewshotError(f"training diverged at step {step} (loss {float(loss):.3g}); lower --lr")
+                raise FewshotError(f"training diverged at step {step} (loss {float(loss.detach()):.3g}); lower --lr")
             if step % config.log_every == 0 or step == config.episodes:
                 logger.write({"step": step, "kind": "train", "loss": round(float(loss.detach()), 6),
                               "acc": round(metrics.get("acc", float("nan")), 6), "lr": lr,
@@ -204,7 +204,9 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                     best = acc
                     checkpoint.save(state("best"), ckdir / "best.pt")
                 if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    attempted = (not sched.is_better(vloss, sched.best)) and sched.num_bad_epochs + 1 > \
+                    # older torch names the comparison ``is_better``, newer ``_is_better``
+                    is_better = getattr(sched, "is_better", None) or sched._is_better
+                    attempted = (not is_better(vloss, sched.best)) and sched.num_bad_epochs + 1 > \
                         sched.patience and sched.cooldown_counter == 0
                     at_floor = lr <= config.min_lr * (1 + 1e-6)
                     sched.step(vloss)

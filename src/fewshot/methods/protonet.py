@@ -53,6 +53,8 @@ def make_backbone(kind: str, in_shape, hidden: int, mlp_hidden, embedding: int) 
     if kind == "conv4":
         if len(in_shape) != 3:
             raise FewshotError(f"conv4 needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+        if min(in_shape[1:]) < 16:  # four 2x2 max-pools need at least 16 pixels a side
+            raise FewshotError(f"conv4 needs images of at least 16x16 pixels, got {in_shape[1]}x{in_shape[2]}")
         return Conv4(in_shape[0], hidden)
     if kind == "mlp":
         return MLP(int(torch.Size(in_shape).numel()), tuple(mlp_hidden), embedding)
@@ -90,8 +92,10 @@ class ProtoNet(Method):
         return self.backbone(x)
 
     def _logits(self, zs, ys, zq, ways):
-        protos = prototypes(zs.float(), ys, ways)
-        return -distance(zq.float(), protos, self.config.distance) * self.log_scale.exp()
+        # in fp32 even under bf16 autocast: ||q||^2 + ||c||^2 - 2 q.c cancels badly at bf16 precision
+        with torch.autocast(zs.device.type, enabled=False):
+            protos = prototypes(zs.float(), ys, ways)
+            return -distance(zq.float(), protos, self.config.distance) * self.log_scale.exp()
 
     def _embed_both(self, sx: torch.Tensor, qx: torch.Tensor):
         B, S, Q = sx.shape[0], sx.shape[1], qx.shape[1]

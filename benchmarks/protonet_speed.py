@@ -1,0 +1,86 @@
+"""Training speed of a Conv-4 prototypical network on 60-way 5-shot 5-query Omniglot episodes (CPU).
+
+Measures, in one process and one run: the episode sampler alone, our training step in each memory
+layout / precision, and (when ../shared/anchors' peer venv exists) easyfsl 1.5.0's PrototypicalNetworks
+on the same Conv-4 and episode shape, so the speed claim is a ratio from the same machine and run.
+
+usage: python benchmarks/protonet_speed.py [--steps 40] [--peer-episodes 60]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from common import OMNIGLOT, TEST_ALPHABETS, machine, run_peer, table
+
+import fewshot as fs
+from fewshot.models import set_channels_last
+from fewshot.precision import autocast
+
+
+def sampler_speed(train, n: int = 3000) -> float:
+    s = fs.episodes(train, 60, 5, 5, seed=0)
+    for _ in range(50):
+        s.sample()
+    t = time.perf_counter()
+    for _ in range(n):
+        s.sample()
+    return n / (time.perf_counter() - t)
+
+
+def train_speed(train, precision: str, channels_last: bool, steps: int, warmup: int = 5) -> float:
+    torch.manual_seed(0)
+    s = fs.episodes(train, 60, 5, 5, seed=0)
+    m = fs.methods.build("protonet", train.image_shape)
+    set_channels_last(m, channels_last)
+    opt = torch.optim.Adam(m.parameters(), 1e-3)
+    dev = torch.device("cpu")
+    for i in range(warmup + steps):
+        if i == warmup:
+            t = time.perf_counter()
+        ep = s.sample()
+        with autocast(dev, precision):
+            loss, _ = m.loss(ep)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--peer-episodes", type=int, default=60)
+    ap.add_argument("--data", default=str(OMNIGLOT))
+    a = ap.parse_args()
+    data = fs.data.omniglot(a.data, split="small")
+    train, _ = data.split_by_group(TEST_ALPHABETS)
+    train = train.with_rotations()
+    print(f"machine: {machine()}", flush=True)
+    rows = []
+    sps = sampler_speed(train)
+    rows.append(["sampler only (60w5s5q, uint8 -> fp32)", f"{sps:.0f}", "", ""])
+    print(f"sampler: {sps:.0f} episodes/s", flush=True)
+    peer = None
+    out = run_peer("anchor_protonet_easyfsl.py", str(a.peer_episodes))
+    if out is not None:
+        peer = json.loads(out)["episodes_per_s"]
+        rows.append([f"easyfsl 1.5.0 PrototypicalNetworks, fp32 ({a.peer_episodes} episodes)", f"{peer:.2f}",
+                     "1.00x", ""])
+        print(f"peer easyfsl: {peer:.2f} episodes/s", flush=True)
+    for prec, cl in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)):
+        v = train_speed(train, prec, cl, a.steps)
+        ratio = f"{v / peer:.2f}x" if peer else "n/a"
+        rows.append([f"fewshot protonet, {prec}, {'channels-last' if cl else 'NCHW'}", f"{v:.2f}", ratio,
+                     "default on AMX CPUs" if (prec, cl) == ("bf16", True) else ""])
+        print(f"ours {prec} cl={cl}: {v:.2f} episodes/s", flush=True)
+    print()
+    print(table(rows, ["what (Conv-4, 60-way 5-shot 5-query, Omniglot 28x28)", "episodes/s", "vs easyfsl",
+                       "note"]))
+
+
+if __name__ == "__main__":
+    main()
