@@ -177,6 +177,17 @@ def test_step_schedule_and_no_validation(synthetic, tmp_path: Path) -> None:
     assert (tmp_path / "checkpoints" / "best.pt").is_file()      # without validation best = last
 
 
+def test_time_limit_stops_with_validation_and_checkpoints(synthetic, tmp_path: Path) -> None:
+    m, s, vs = _mlp_setup(synthetic)
+    cfg = TrainConfig(episodes=500, time_limit_s=1e-9, val_every=100, val_episodes=EVAL_BATCH, log_every=1)
+    res = train(m, s, cfg, tmp_path, val_sampler=vs, progress=False)
+    assert res.stopped_early and res.steps == 1
+    rows = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["train", "val"]           # a final validation at the stop
+    assert checkpoint.load(tmp_path / "checkpoints" / "last.pt")["step"] == 1
+    assert checkpoint.load(tmp_path / "checkpoints" / "best.pt")["step"] == 1
+
+
 def test_divergence_is_a_user_error(synthetic, tmp_path: Path, monkeypatch) -> None:
     m, s, _ = _mlp_setup(synthetic)
     monkeypatch.setattr(m, "loss", lambda ep: (torch.tensor(float("nan"), requires_grad=True), {}))

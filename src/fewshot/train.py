@@ -49,6 +49,7 @@ class TrainConfig:
     precision: str = "fp32"         #: fp32 | bf16 (resolved from "auto" by the caller)
     channels_last: bool = False
     seed: int = 0                   #: seeds torch's global RNG (dropout, init) at the start of a run
+    time_limit_s: float = 0.0       #: stop once this much training time has passed (0: no limit)
 
     def check(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -158,9 +159,17 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                 "torch_rng": torch.get_rng_state(), "step": step, "best_val": best, "train_time_s": elapsed,
                 "kind": kind, "train_config": asdict(config)}
 
-    def validate() -> tuple:
+    def validate(lr: float) -> float:
+        """Score the held-out classes, log the row, keep the best checkpoint; returns the validation loss."""
+        nonlocal best
         res = evaluate(method, val_sampler, config.val_episodes, precision=config.precision, progress=False)
-        return res.mean, res.ci95, res.loss
+        logger.write({"step": step, "kind": "val", "val_acc": round(res.mean, 4), "val_ci": round(res.ci95, 4),
+                      "val_loss": round(res.loss, 6), "lr": lr, "elapsed_s": round(elapsed, 3)})
+        bar.write(f"step {step}: val {res.mean:.2f} ± {res.ci95:.2f} % (loss {res.loss:.4f})")
+        if res.mean > best:
+            best = res.mean
+            checkpoint.save(state("best"), ckdir / "best.pt")
+        return res.loss
 
     stopped_early = False
     method.train()
@@ -195,14 +204,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
             bar.update(1)
             if val_sampler is not None and config.val_every and \
                     (step % config.val_every == 0 or step == config.episodes):
-                acc, ci, vloss = validate()
+                vloss = validate(lr)
                 t_last = time.perf_counter()        # validation time is not training time
-                logger.write({"step": step, "kind": "val", "val_acc": round(acc, 4), "val_ci": round(ci, 4),
-                              "val_loss": round(vloss, 6), "lr": lr, "elapsed_s": round(elapsed, 3)})
-                bar.write(f"step {step}: val {acc:.2f} ± {ci:.2f} % (loss {vloss:.4f})")
-                if acc > best:
-                    best = acc
-                    checkpoint.save(state("best"), ckdir / "best.pt")
                 if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     # older torch names the comparison ``is_better``, newer ``_is_better``
                     is_better = getattr(sched, "is_better", None) or sched._is_better
@@ -219,6 +222,12 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                 checkpoint.save(state("last"), ckdir / "last.pt")
             if on_step is not None:
                 on_step(step)
+            if config.time_limit_s and elapsed >= config.time_limit_s and step < config.episodes:
+                stopped_early = True
+                bar.write(f"step {step}: training time limit of {config.time_limit_s:.0f} s reached; stopping")
+                if val_sampler is not None and config.val_every and step % config.val_every:
+                    validate(lr)
+                break
     except KeyboardInterrupt:
         checkpoint.save(state("last"), ckdir / "last.pt")
         bar.close()

@@ -10,6 +10,8 @@ from torch import nn
 class Conv4(nn.Module):
     """4 x [conv 3x3 (padding 1), batch norm, ReLU, max-pool 2]; flattens the last feature map.
 
+    (Computed as conv, batch norm, max-pool, ReLU, which gives identical outputs and gradients faster.)
+
     Works for any number of input channels and any image size (28x28 -> 64 features, 84x84 -> 1600).
     ``channels_last`` feeds the convolutions NHWC tensors, which is faster on CPUs with oneDNN.
     """
@@ -21,9 +23,11 @@ class Conv4(nn.Module):
         chans = [in_channels] + [hidden] * (layers - 1) + [out_channels]
         blocks = []
         for i, o in zip(chans[:-1], chans[1:]):
+            # max-pool before ReLU: max commutes with the (monotone) ReLU, so this is exactly
+            # conv-BN-ReLU-pool, with the ReLU (and its backward) on a 4x smaller tensor
             blocks += [nn.Conv2d(i, o, 3, padding=1),
                        nn.BatchNorm2d(o) if batch_norm else nn.Identity(),
-                       nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+                       nn.MaxPool2d(2), nn.ReLU(inplace=True)]
         self.features = nn.Sequential(*blocks)
         self.flatten = flatten
         self.channels_last = False
