@@ -39,12 +39,22 @@ def table(rows: list, headers: list) -> str:
     return "\n".join([line, sep, *body])
 
 
-def run_peer(script: str, *args: str, env: dict | None = None, timeout: int = 3600) -> str | None:
-    """Run one of ../shared/anchors' peer scripts with the peers' venv; None when it is not installed."""
-    if not PEERS_PYTHON.exists() or not (ANCHORS / script).exists():
+def peer_protonet_train_speed(episodes: int = 200) -> float | None:
+    """easyfsl's training speed (episodes/s) from ../shared/anchors/anchor_protonet_easyfsl.py.
+
+    The anchor prints ``ep N loss L Ts`` every 200 training episodes and evaluates 4 000 test episodes
+    afterwards; only its training speed is needed here, so the run is stopped at the first progress line.
+    """
+    if not PEERS_PYTHON.exists() or not (ANCHORS / "anchor_protonet_easyfsl.py").exists():
         return None
-    p = subprocess.run([str(PEERS_PYTHON), script, *args], cwd=ANCHORS, capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, **(env or {})})
-    if p.returncode != 0:
-        raise RuntimeError(f"peer {script} failed:\n{p.stderr[-2000:]}")
-    return p.stdout.strip().splitlines()[-1]
+    p = subprocess.Popen([str(PEERS_PYTHON), "anchor_protonet_easyfsl.py", str(episodes)], cwd=ANCHORS,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in p.stdout:
+            parts = line.split()
+            if len(parts) >= 5 and parts[0] == "ep" and parts[-1].endswith("s"):
+                return int(parts[1]) / float(parts[-1][:-1])
+    finally:
+        p.kill()
+        p.wait()
+    raise RuntimeError("the easyfsl anchor printed no progress line")

@@ -4,17 +4,16 @@ Measures, in one process and one run: the episode sampler alone, our training st
 layout / precision, and (when ../shared/anchors' peer venv exists) easyfsl 1.5.0's PrototypicalNetworks
 on the same Conv-4 and episode shape, so the speed claim is a ratio from the same machine and run.
 
-usage: python benchmarks/protonet_speed.py [--steps 40] [--peer-episodes 60]
+usage: python benchmarks/protonet_speed.py [--steps 40] [--peer-episodes 200]
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import torch
 
-from common import OMNIGLOT, TEST_ALPHABETS, machine, run_peer, table
+from common import OMNIGLOT, TEST_ALPHABETS, machine, peer_protonet_train_speed, table
 
 import fewshot as fs
 from fewshot.models import set_channels_last
@@ -53,7 +52,7 @@ def train_speed(train, precision: str, channels_last: bool, steps: int, warmup: 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--peer-episodes", type=int, default=60)
+    ap.add_argument("--peer-episodes", type=int, default=200, help="must be a multiple of 200")
     ap.add_argument("--data", default=str(OMNIGLOT))
     a = ap.parse_args()
     data = fs.data.omniglot(a.data, split="small")
@@ -64,12 +63,10 @@ def main() -> None:
     sps = sampler_speed(train)
     rows.append(["sampler only (60w5s5q, uint8 -> fp32)", f"{sps:.0f}", "", ""])
     print(f"sampler: {sps:.0f} episodes/s", flush=True)
-    peer = None
-    out = run_peer("anchor_protonet_easyfsl.py", str(a.peer_episodes))
-    if out is not None:
-        peer = json.loads(out)["episodes_per_s"]
+    peer = peer_protonet_train_speed(a.peer_episodes)
+    if peer is not None:
         rows.append([f"easyfsl 1.5.0 PrototypicalNetworks, fp32 ({a.peer_episodes} episodes)", f"{peer:.2f}",
-                     "1.00x", ""])
+                     "1.00x", "peer, same run"])
         print(f"peer easyfsl: {peer:.2f} episodes/s", flush=True)
     for prec, cl in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)):
         v = train_speed(train, prec, cl, a.steps)

@@ -137,6 +137,22 @@ def test_train_and_resume(capsys, image_root: Path, tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [2, 4]
 
 
+def test_resume_uses_the_runs_own_settings(capsys, image_root: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    rc, _, err = run_cli(capsys, "train", "protonet", "--data", image_root, "--out", out, "--val-every", "0",
+                         "--no-eval", *SMALL, "--episodes", "2", "--distance", "cosine")
+    assert rc == 0, err
+    before = yaml.safe_load((out / "config.yaml").read_text())
+    # only the run directory and the new length: data, shapes and method options come from config.yaml
+    rc, stdout, err = run_cli(capsys, "train", "--out", out, "--resume", "--episodes", "3", "--no-eval")
+    assert rc == 0, err
+    assert "trained protonet for 3 steps" in stdout
+    after = yaml.safe_load((out / "config.yaml").read_text())
+    assert after["options"] == before["options"] == {**before["options"], "distance": "cosine"}
+    assert after["data"] == before["data"] and after["ways"] == before["ways"]
+    assert after["train"]["episodes"] == 3
+
+
 def test_train_on_glyphs(capsys, tmp_path: Path) -> None:
     out = tmp_path / "run"
     rc, stdout, err = run_cli(capsys, "train", "protonet", "--data", "glyphs", "--ways", "5", "--shots", "1",

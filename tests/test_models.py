@@ -50,3 +50,19 @@ def test_conv4_shapes_and_channels_last() -> None:
 def test_mlp_flattens() -> None:
     m = MLP(12, (8, 8), 4)
     assert m(torch.zeros(5, 3, 4)).shape == (5, 4)
+
+
+def test_precision_and_layout_resolution() -> None:
+    import pytest
+    from fewshot.errors import FewshotError
+    from fewshot.precision import resolve_channels_last, resolve_precision
+    cpu = torch.device("cpu")
+    assert resolve_channels_last("auto", cpu) is True
+    assert resolve_channels_last("false", cpu) is False and resolve_channels_last("True", cpu) is True
+    assert resolve_channels_last(False, cpu) is False
+    with pytest.raises(FewshotError, match="channels_last"):
+        resolve_channels_last("maybe", cpu)
+    assert resolve_precision("auto", cpu) in ("fp32", "bf16")
+    assert resolve_precision("fp32", cpu) == "fp32"
+    with pytest.raises(FewshotError, match="unknown precision"):
+        resolve_precision("fp8", cpu)

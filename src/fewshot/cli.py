@@ -133,13 +133,18 @@ def cmd_train(a) -> int:
     from . import methods
     from .config import RunConfig
     from .run import evaluate_run, fit
-    cfg = RunConfig.load(a.config) if a.config else RunConfig()
+    out = Path(a.out or f"runs/{a.method or 'run'}")
+    saved = out / "config.yaml"
+    if a.resume and saved.is_file():
+        cfg = RunConfig.load(saved)     # continue with the run's own settings; flags given now override
+    else:
+        cfg = RunConfig.load(a.config) if a.config else RunConfig()
     if a.method:
         methods.get(a.method)
-        if a.config and cfg.method != a.method:
+        if (a.config or a.resume) and cfg.method != a.method:
             cfg.options = {}
         cfg.method = a.method
-    elif not a.config:
+    elif not a.config and not (a.resume and saved.is_file()):
         raise FewshotError("name a method (see `fewshot methods`) or pass --config")
     for k, v in vars(a).items():
         if v is None:
@@ -172,7 +177,8 @@ def cmd_train(a) -> int:
         if not eq:
             raise FewshotError(f"--option takes KEY=VALUE, got {kv!r}")
         cfg.options[key.replace("-", "_")] = _coerce_option(cfg.method, key.replace("-", "_"), val)
-    out = Path(a.out or f"runs/{cfg.method}")
+    if not a.out:
+        out = Path(f"runs/{cfg.method}")
     run = fit(cfg, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
     print(f"trained {cfg.method} for {run.checkpoint['step']} steps "
           f"({run.checkpoint['train_time_s']:.0f} s of training); run directory: {out}")

@@ -57,6 +57,13 @@ def autocast(device: torch.device, precision: str):
 
 def resolve_channels_last(channels_last: str | bool, device: torch.device) -> bool:
     """"auto" -> channels-last on CPU (oneDNN's fast layout for convolutions), off elsewhere."""
-    if channels_last == "auto":
-        return device.type == "cpu"
+    if isinstance(channels_last, str):
+        v = channels_last.strip().lower()
+        if v == "auto":
+            return device.type == "cpu"
+        if v in ("1", "true", "yes", "on"):
+            return True
+        if v in ("0", "false", "no", "off"):
+            return False
+        raise FewshotError(f"channels_last must be auto, true or false, got {channels_last!r}")
     return bool(channels_last)
