@@ -41,8 +41,8 @@ def main() -> None:
     t0 = time.time()
     run = fs.fit(cfg, out, progress=False)
     wall = time.time() - t0
-    train_s = run.checkpoint["train_time_s"]
-    print(f"trained {run.checkpoint['step']} steps: {train_s / 60:.1f} min of training steps "
+    train_s, steps = run.train_result.train_time_s, run.train_result.steps
+    print(f"trained {steps} steps: {train_s / 60:.1f} min of training steps "
           f"({wall / 60:.1f} min wall including data loading and validation)", flush=True)
     rows = []
     for w, k in SETTINGS:
@@ -51,7 +51,7 @@ def main() -> None:
         print(f"{w}w{k}s: {r}", flush=True)
     print()
     print(f"recipe {Path(a.recipe).name}: {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query, "
-          f"{run.checkpoint['step']} episodes, precision {cfg.precision}, channels_last {cfg.channels_last}, "
+          f"{steps} episodes, precision {cfg.precision}, channels_last {cfg.channels_last}, "
           f"training {train_s / 60:.1f} min")
     print(table(rows, ["test (Korean + Tagalog, 57 classes)", "fewshot protonet (%)", "episodes",
                        "easyfsl 1.5.0, 2000 ep, 19 min (%)"]))

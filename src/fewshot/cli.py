@@ -180,8 +180,10 @@ def cmd_train(a) -> int:
     if not a.out:
         out = Path(f"runs/{cfg.method}")
     run = fit(cfg, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
-    print(f"trained {cfg.method} for {run.checkpoint['step']} steps "
-          f"({run.checkpoint['train_time_s']:.0f} s of training); run directory: {out}")
+    res = run.train_result
+    best = "" if run.checkpoint["step"] == res.steps else f", best validation at step {run.checkpoint['step']}"
+    print(f"trained {cfg.method} for {res.steps} steps ({res.train_time_s:.0f} s of training{best}); "
+          f"run directory: {out}")
     if not a.no_eval:
         res = evaluate_run(run, ways=cfg.test_ways, shots=cfg.test_shots, queries=cfg.test_queries,
                            episodes=cfg.test_episodes, progress=not a.no_progress)

@@ -25,7 +25,7 @@ from .errors import FewshotError
 from .evaluate import EvalResult, evaluate
 from .models import set_channels_last
 from .precision import autocast, resolve_channels_last, resolve_device, resolve_precision
-from .train import train
+from .train import TrainResult, train
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -74,6 +74,8 @@ class Run:
     device: torch.device
     precision: str
     checkpoint: dict
+    #: how training went (steps, time, early stop), when the run was just trained by :func:`fit`
+    train_result: Optional[TrainResult] = None
 
 
 def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, on_step=None,
@@ -119,9 +121,11 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
         if part is not None:
             (out / f"classes_{name}.txt").write_text("".join(n + "\n" for n in part.names))
     meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
-    train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
-          progress=progress, on_step=on_step)
-    return load_run(out, "best", device=device)
+    result = train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
+                   progress=progress, on_step=on_step)
+    run = load_run(out, "best", device=device)
+    run.train_result = result
+    return run
 
 
 # ------------------------------------------------------------------------------------------ load
