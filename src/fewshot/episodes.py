@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 import torch
 
 from .data.dataset import ClassDataset
+from .data.images import to_float
 from .errors import FewshotError
 
 
@@ -101,7 +102,7 @@ class EpisodeSampler:
         n_bytes = self.data.numel() * (torch.finfo(dtype).bits // 8 if dtype is not None else 1)
         self.prescaled = dtype is not None and n_bytes <= float_cache_bytes
         if self.prescaled:
-            self.data = self.data.to(dtype).div_(255.0)
+            self.data = to_float(self.data, dtype)
         self.flat = self.data.view(self.data.shape[0], -1)
         self.counts = dataset.counts.to(self.device)
         self.offsets = dataset.offsets.to(self.device)
@@ -156,7 +157,7 @@ class EpisodeSampler:
         B = idx.shape[0]
         x = self.flat.index_select(0, idx.reshape(-1))
         if self.dtype is not None and not self.prescaled:
-            x = x.to(self.dtype).div_(255.0)
+            x = to_float(x, self.dtype)
         return x.view(B, -1, *self.image_shape)
 
     def sample(self, batch: Optional[int] = None) -> Episode:

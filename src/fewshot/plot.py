@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import torch
 
-from .errors import FewshotError
+from .data.images import to_float
 
 
 def _plt():
@@ -72,11 +72,8 @@ def tsne_embeddings(run, ds, out: Path, max_classes: int = 10, per_class: int = 
         imgs = ds.images(c)[:per_class]
         xs.append(imgs)
         ys += [i] * len(imgs)
-    x = torch.cat(xs).float().div(255).to(run.device)
-    try:
-        z = torch.cat([run.method.embed(x[i:i + 256]).float().flatten(1).cpu() for i in range(0, len(x), 256)])
-    except FewshotError:
-        raise
+    x = to_float(torch.cat(xs)).to(run.device)
+    z = torch.cat([run.method.embed(x[i:i + 256]).float().flatten(1).cpu() for i in range(0, len(x), 256)])
     perplexity = max(2.0, min(30.0, (len(z) - 1) / 3))
     e = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z.numpy())
     plt = _plt()

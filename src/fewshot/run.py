@@ -19,7 +19,7 @@ from . import checkpoint, data as fsdata, methods
 from .augment import build_transform
 from .config import RunConfig, parse_split
 from .data.dataset import ClassDataset
-from .data.images import Preprocess
+from .data.images import Preprocess, to_float
 from .episodes import EpisodeSampler
 from .errors import FewshotError
 from .evaluate import EvalResult, evaluate
@@ -202,9 +202,9 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
     if not files:
         raise FewshotError("no query images given")
     qx = load_files(files, run.preprocess)
-    sx = sup.data.float().div(255).unsqueeze(0).to(run.device)
+    sx = to_float(sup.data).unsqueeze(0).to(run.device)
     sy = sup.labels().unsqueeze(0).to(run.device)
-    qxf = qx.float().div(255).unsqueeze(0).to(run.device)
+    qxf = to_float(qx).unsqueeze(0).to(run.device)
     with autocast(run.device, run.precision):
         logits = run.method.predict(sx, sy, qxf, len(sup))
     prob = logits.float().softmax(-1)[0]
@@ -228,9 +228,9 @@ def lake_eval(run: Run, path: str) -> dict:
     runs = fsdata.load_lake_runs(path, run.preprocess)
     per_run, wrong_total, n_total = [], 0, 0
     for r in runs:
-        sx = r.train.float().div(255).unsqueeze(0).to(run.device)
+        sx = to_float(r.train).unsqueeze(0).to(run.device)
         sy = torch.arange(r.train.shape[0], device=run.device).unsqueeze(0)
-        qx = r.test.float().div(255).unsqueeze(0).to(run.device)
+        qx = to_float(r.test).unsqueeze(0).to(run.device)
         with autocast(run.device, run.precision):
             pred = run.method.predict(sx, sy, qx, r.train.shape[0]).float().argmax(-1)[0].cpu()
         wrong = int((pred != r.labels).sum())
