@@ -193,13 +193,14 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
             elapsed += now - t_last
             t_last = now
             lr = opt.param_groups[0]["lr"]
-            if not math.isfinite(float(loss.detach())):
-                raise FewshotError(f"training diverged at step {step} (loss {float(loss.detach()):.3g}); lower --lr")
+            loss_value = float(loss.detach())       # one host sync per step, reused below
+            if not math.isfinite(loss_value):
+                raise FewshotError(f"training diverged at step {step} (loss {loss_value:.3g}); lower --lr")
             if step % config.log_every == 0 or step == config.episodes:
-                logger.write({"step": step, "kind": "train", "loss": round(float(loss.detach()), 6),
+                logger.write({"step": step, "kind": "train", "loss": round(loss_value, 6),
                               "acc": round(metrics.get("acc", float("nan")), 6), "lr": lr,
                               "elapsed_s": round(elapsed, 3)})
-                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", acc=f"{metrics.get('acc', 0):.3f}",
+                bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{metrics.get('acc', 0):.3f}",
                                 lr=f"{lr:.2g}")
             bar.update(1)
             if val_sampler is not None and config.val_every and \
