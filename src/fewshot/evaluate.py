@@ -1,5 +1,7 @@
 """The one evaluation protocol: fixed-seed test episodes, mean accuracy +- 1.96 sigma / sqrt(n).
 
+Regression task families (``sampler.regression``, e.g. sine) report the mean squared error per task instead.
+
 Episodes are drawn in batches of :data:`EVAL_BATCH` tasks from a sampler reset to its seed, so every
 method is scored on exactly the same episodes whatever its memory needs (``chunk`` only splits the
 forward passes). Batch norm runs in evaluation mode (running statistics: inductive).
@@ -36,9 +38,23 @@ class EvalResult:
     mode: str = "inductive"
     loss: float = float("nan")
     accuracies: List[float] = field(default_factory=list, repr=False)
+    metric: str = "accuracy"   #: accuracy (percent, higher is better) or mse (lower is better)
+
+    @property
+    def score(self) -> float:
+        """Higher is better: the accuracy, or minus the MSE."""
+        return self.mean if self.metric == "accuracy" else -self.mean
+
+    def short(self) -> str:
+        if self.metric == "mse":
+            return f"MSE {self.mean:.4f} ± {self.ci95:.4f}"
+        return f"{self.mean:.2f} ± {self.ci95:.2f} %"
 
     def __str__(self) -> str:
-        return (f"{self.mean:.2f} ± {self.ci95:.2f} % (95% CI, {self.n} episodes, seed {self.seed}, "
+        if self.metric == "mse":
+            return (f"{self.short()} (95% CI, {self.n} tasks, seed {self.seed}, {self.shots}-shot "
+                    f"{self.queries}-query)")
+        return (f"{self.short()} (95% CI, {self.n} episodes, seed {self.seed}, "
                 f"{self.ways}-way {self.shots}-shot {self.queries}-query, {self.mode})")
 
     def summary(self) -> dict:
@@ -61,7 +77,10 @@ def mean_ci(values: List[float]) -> tuple:
 def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, precision: str = "fp32",
              chunk: Optional[int] = None, progress: bool = True, csv_path: str | os.PathLike | None = None,
              desc: str = "eval") -> EvalResult:
-    """Accuracy of ``method`` on ``episodes`` tasks from ``sampler`` (reset to its seed first)."""
+    """Accuracy of ``method`` on ``episodes`` tasks from ``sampler`` (reset to its seed first).
+
+    For regression families the per-task number is the query MSE (``metric == "mse"``)."""
+    regression = bool(getattr(sampler, "regression", False))
     was_training = method.training
     method.eval()
     sampler.generator.manual_seed(sampler.seed)
@@ -79,6 +98,11 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
                     logits = method.predict(ep.support_x[sl], ep.support_y[sl], ep.query_x[sl], ep.ways)
                 logits = logits.float()
                 qy = ep.query_y[sl]
+                if regression:
+                    mse = (logits - qy.float().view_as(logits)).pow(2).flatten(1).mean(1)
+                    accs.extend(mse.tolist())
+                    losses.extend(mse.tolist())
+                    continue
                 acc = (logits.argmax(-1) == qy).float().mean(-1)
                 nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), qy.flatten(), reduction="none")
                 accs.extend((acc * 100).tolist())
@@ -90,7 +114,8 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
     accs, losses = accs[:episodes], losses[:episodes]
     m, ci, sd = mean_ci(accs)
     res = EvalResult(m, ci, sd, len(accs), sampler.ways, sampler.shots, sampler.queries, sampler.seed,
-                     loss=sum(losses) / len(losses), accuracies=accs)
+                     loss=sum(losses) / len(losses), accuracies=accs,
+                     metric="mse" if regression else "accuracy")
     if csv_path is not None:
         write_episode_csv(res, losses, csv_path)
     return res
@@ -101,6 +126,6 @@ def write_episode_csv(res: EvalResult, losses: List[float], path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["episode", "accuracy", "loss", "ways", "shots", "queries", "seed"])
+        w.writerow(["episode", res.metric, "loss", "ways", "shots", "queries", "seed"])
         for i, (a, l) in enumerate(zip(res.accuracies, losses)):
             w.writerow([i, f"{a:.4f}", f"{l:.6f}", res.ways, res.shots, res.queries, res.seed])

@@ -45,12 +45,17 @@ def learning_curves(run_dir: Path, out: Path) -> Optional[Path]:
     axes[0].set_ylabel("loss")
     axes[0].set_yscale("log")
     axes[0].legend()
-    axes[1].plot(steps, smooth([100 * r["acc"] for r in tr]), color="C0", label="train episodes")
+    regression = "mse" in tr[0]
+    if regression:
+        axes[1].plot(steps, smooth([r["mse"] for r in tr]), color="C0", label="train tasks (query MSE)")
+    else:
+        axes[1].plot(steps, smooth([100 * r["acc"] for r in tr]), color="C0", label="train episodes")
     if va:
         axes[1].errorbar([r["step"] for r in va], [r["val_acc"] for r in va], yerr=[r["val_ci"] for r in va],
-                         color="C1", marker="o", capsize=3, label="validation (held-out classes)")
+                         color="C1", marker="o", capsize=3,
+                         label="validation (held-out tasks)" if regression else "validation (held-out classes)")
     axes[1].set_xlabel("step")
-    axes[1].set_ylabel("accuracy (%)")
+    axes[1].set_ylabel("MSE" if regression else "accuracy (%)")
     axes[1].legend()
     fig.suptitle(f"{run_dir.name}: learning curves")
     fig.tight_layout()
@@ -93,14 +98,58 @@ def tsne_embeddings(run, ds, out: Path, max_classes: int = 10, per_class: int = 
     return out
 
 
+def sine_adaptation(run, out: Path, shots: int = 10, tasks_shown: int = 3, seed: int = 0) -> Path:
+    """For sine runs: the true curve, the K support points, and the model before and after adaptation."""
+    from . import tasks
+    from .run import FAMILY_SEEDS
+    method = run.method
+    if not hasattr(method, "adapt_predict"):
+        from .errors import FewshotError
+        raise FewshotError(f"method {method.name} does not adapt by gradient steps; nothing to plot for sine")
+    fam = tasks.make("sine", shots, 1, batch=tasks_shown, device=run.device, seed=FAMILY_SEEDS["test"] + seed)
+    ep = fam.sample()
+    grid = torch.linspace(*fam.x_range, 200, device=run.device).view(1, -1, 1).expand(tasks_shown, -1, -1)
+    truth = fam.curve(grid, ep.extra["amplitude"], ep.extra["phase"])
+    with torch.no_grad():
+        before = method.predict(ep.support_x, ep.support_y, grid, steps=0).float()
+        after = method.predict(ep.support_x, ep.support_y, grid).float()
+    steps = method.config.test_steps or method.config.inner_steps
+    plt = _plt()
+    fig, axes = plt.subplots(1, tasks_shown, figsize=(4.2 * tasks_shown, 3.6), squeeze=False)
+    g = grid[0, :, 0].cpu()
+    for i, ax in enumerate(axes[0]):
+        ax.plot(g, truth[i, :, 0].cpu(), color="k", lw=1.5, label="true curve")
+        ax.plot(g, before[i, :, 0].cpu(), color="C0", ls="--", label="before adaptation")
+        ax.plot(g, after[i, :, 0].cpu(), color="C3", label=f"after {steps} step(s)")
+        ax.scatter(ep.support_x[i, :, 0].cpu(), ep.support_y[i, :, 0].cpu(), color="C2", zorder=3,
+                   label=f"{shots} support points")
+        ax.set_title(f"A = {float(ep.extra['amplitude'][i]):.2f}, phase = {float(ep.extra['phase'][i]):.2f}")
+        ax.set_xlabel("x")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{run.path.name}: {method.name} on held-out sine tasks")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Path]:
     """Write the run's plots under ``RUN/plots``; returns the files written."""
+    from . import tasks
     from .run import test_classes
     out_dir = Path(run.path) / "plots"
     written = []
     lc = learning_curves(Path(run.path), out_dir / "learning_curves.png")
     if lc:
         written.append(lc)
+    family = data if data is not None and tasks.is_family(data) else \
+        (run.config.data if data is None and tasks.is_family(run.config.data) else None)
+    if family == "sine":
+        written.append(sine_adaptation(run, out_dir / "sine_adaptation.png", shots=run.config.shots))
+        return written
+    if family is not None:
+        return written
     ds = test_classes(run, data)
     written.append(tsne_embeddings(run, ds, out_dir / "tsne_test_classes.png", max_classes=max_classes))
     return written

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import checkpoint, data as fsdata, methods
+from . import checkpoint, data as fsdata, methods, tasks
 from .augment import build_transform
 from .config import RunConfig, parse_split
 from .data.dataset import ClassDataset
@@ -102,11 +102,14 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
             old = RunConfig.load(saved)
             if old.method != cfg.method:
                 raise FewshotError(f"{out} holds a {old.method!r} run, not {cfg.method!r}")
+    if tasks.is_family(cfg.data):
+        return _fit_family(cfg, out, device, resume, progress, on_step)
     ds = dataset if dataset is not None else fsdata.load(cfg.data, size=cfg.size, channels=cfg.channels,
                                                          invert=cfg.invert)
     train_ds, val_ds, test_ds = split_dataset(ds, cfg)
     if cfg.rotations:
         train_ds = train_ds.with_rotations()
+    _fill_outputs(cfg, cfg.ways)
     torch.manual_seed(cfg.seed)
     method = methods.build(cfg.method, ds.image_shape, **cfg.options)
     sampler = EpisodeSampler(train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
@@ -122,6 +125,44 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
             (out / f"classes_{name}.txt").write_text("".join(n + "\n" for n in part.names))
     meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
     result = train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
+                   progress=progress, on_step=on_step)
+    run = load_run(out, "best", device=device)
+    run.train_result = result
+    return run
+
+
+def _fill_outputs(cfg: RunConfig, outputs: int) -> None:
+    """Methods with a fixed-size head (MAML family) get ``outputs`` from the run (ways or target size)."""
+    from dataclasses import fields
+    names = {f.name for f in fields(methods.get(cfg.method).Config)}
+    if "outputs" in names and not cfg.options.get("outputs"):
+        cfg.options["outputs"] = int(outputs)
+
+
+#: training, validation and test tasks of a family come from differently seeded generators
+FAMILY_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
+
+
+def _fit_family(cfg: RunConfig, out: Path, device, resume, progress, on_step) -> Run:
+    """``fit`` for task families (sine, toy-binary): tasks are drawn, not split from classes."""
+    train_tasks = tasks.make(cfg.data, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
+                             seed=cfg.seed + FAMILY_SEEDS["train"], ways=cfg.ways)
+    if train_tasks.regression:
+        cfg.ways = 0
+    else:
+        cfg.ways = train_tasks.ways
+    _fill_outputs(cfg, train_tasks.outputs)
+    torch.manual_seed(cfg.seed)
+    method = methods.build(cfg.method, train_tasks.in_shape, **cfg.options)
+    val_sampler = None
+    if cfg.train.val_every:
+        val_sampler = tasks.make(cfg.data, cfg.val_shots, cfg.val_queries, device=device,
+                                 seed=FAMILY_SEEDS["val"], ways=cfg.ways or None)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg.save(out / "config.yaml")
+    meta = {"preprocess": Preprocess(size=(0, 0), channels=0).to_dict(), "run_config": cfg.to_dict(),
+            "data_source": cfg.data, "task_family": cfg.data, "in_shape_family": list(train_tasks.in_shape)}
+    result = train(method, train_tasks, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
                    progress=progress, on_step=on_step)
     run = load_run(out, "best", device=device)
     run.train_result = result
@@ -172,16 +213,25 @@ def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
 
 def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int = 1, queries: int = 15,
                  episodes: int = 1000, seed: int = 0, progress: bool = True, save: bool = True) -> EvalResult:
-    """Evaluate a run on held-out classes; writes ``eval/<N>w<K>s.json`` and the per-episode CSV."""
-    ds = test_classes(run, data)
-    sampler = EpisodeSampler(ds, ways, shots, queries, device=run.device, seed=seed)
-    tag = f"{ways}w{shots}s{queries}q-seed{seed}" + ("" if data is None else "-" + Path(data).name)
+    """Evaluate a run on held-out classes (or held-out tasks of a task family); writes
+    ``eval/<N>w<K>s….json`` and the per-episode CSV."""
+    family = data if data is not None and tasks.is_family(data) else \
+        (run.config.data if data is None and tasks.is_family(run.config.data) else None)
+    if family is not None:
+        sampler = tasks.make(family, shots, queries, device=run.device, seed=FAMILY_SEEDS["test"] + seed,
+                             ways=None)
+        ds = None
+        tag = f"{family}-{shots}s{queries}q-seed{seed}"
+    else:
+        ds = test_classes(run, data)
+        sampler = EpisodeSampler(ds, ways, shots, queries, device=run.device, seed=seed)
+        tag = f"{ways}w{shots}s{queries}q-seed{seed}" + ("" if data is None else "-" + Path(data).name)
     csv_path = run.path / "eval" / f"{tag}.csv" if save else None
     res = evaluate(run.method, sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
                    desc=f"eval {ways}w{shots}s")
     if save:
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
-            {**res.summary(), "data": data or run.config.data, "classes": len(ds),
+            {**res.summary(), "data": data or run.config.data, "classes": len(ds) if ds is not None else None,
              "checkpoint_step": run.checkpoint.get("step")}, indent=1))
     return res
 

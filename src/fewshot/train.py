@@ -26,7 +26,8 @@ from .evaluate import evaluate
 from .models import set_channels_last
 from .precision import autocast
 
-SCHEDULES = ("step", "plateau", "none")
+SCHEDULES = ("step", "plateau", "linear", "none")
+OPTIMIZERS = ("adam", "sgd")
 CSV_FIELDS = ["step", "kind", "loss", "acc", "lr", "val_acc", "val_ci", "val_loss", "elapsed_s"]
 
 
@@ -34,8 +35,9 @@ CSV_FIELDS = ["step", "kind", "loss", "acc", "lr", "val_acc", "val_ci", "val_los
 class TrainConfig:
     episodes: int = 2000            #: optimiser steps (each on a batch of ``batch`` tasks)
     lr: float = 1e-3
+    optimizer: str = "adam"         #: adam | sgd (plain SGD: Reptile's outer step is SGD with lr epsilon)
     weight_decay: float = 0.0
-    schedule: str = "step"          #: step | plateau | none
+    schedule: str = "step"          #: step | plateau | linear (to 0 at the last step) | none
     step_size: int = 2000           #: step schedule: multiply the lr by ``gamma`` every this many steps
     gamma: float = 0.5
     patience: int = 3               #: plateau schedule: validations without improvement before decaying
@@ -54,6 +56,8 @@ class TrainConfig:
     def check(self) -> None:
         if self.schedule not in SCHEDULES:
             raise FewshotError(f"unknown schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise FewshotError(f"unknown optimizer {self.optimizer!r}; choose from {', '.join(OPTIMIZERS)}")
         if self.episodes < 1:
             raise FewshotError("episodes must be at least 1")
 
@@ -68,8 +72,10 @@ class TrainResult:
 
 
 def make_optimizer(method, cfg: TrainConfig):
-    return torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    params = [p for p in method.parameters() if p.requires_grad]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 def make_scheduler(opt, cfg: TrainConfig):
@@ -78,6 +84,9 @@ def make_scheduler(opt, cfg: TrainConfig):
     if cfg.schedule == "plateau":
         return torch.optim.lr_scheduler.ReduceLROnPlateau(opt, mode="min", factor=cfg.gamma,
                                                           patience=cfg.patience, min_lr=cfg.min_lr)
+    if cfg.schedule == "linear":
+        n = cfg.episodes
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: max(0.0, 1.0 - step / n))
     return None
 
 
@@ -165,9 +174,9 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
         res = evaluate(method, val_sampler, config.val_episodes, precision=config.precision, progress=False)
         logger.write({"step": step, "kind": "val", "val_acc": round(res.mean, 4), "val_ci": round(res.ci95, 4),
                       "val_loss": round(res.loss, 6), "lr": lr, "elapsed_s": round(elapsed, 3)})
-        bar.write(f"step {step}: val {res.mean:.2f} ± {res.ci95:.2f} % (loss {res.loss:.4f})")
-        if res.mean > best:
-            best = res.mean
+        bar.write(f"step {step}: val {res.short()} (loss {res.loss:.4f})")
+        if res.score > best:
+            best = res.score
             checkpoint.save(state("best"), ckdir / "best.pt")
         return res.loss
 
@@ -181,27 +190,29 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
             ep = sampler.sample()
             with autocast(device, config.precision):
                 loss, metrics = method.loss(ep)
+            loss_value = float(loss.detach())       # one host sync per step, reused below
+            if not math.isfinite(loss_value):        # before backward: a diverged step changes nothing
+                raise FewshotError(f"training diverged at step {step + 1} (loss {loss_value:.3g}); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(method.parameters(), config.grad_clip)
             opt.step()
-            if isinstance(sched, torch.optim.lr_scheduler.StepLR):
+            if isinstance(sched, (torch.optim.lr_scheduler.StepLR, torch.optim.lr_scheduler.LambdaLR)):
                 sched.step()
             step += 1
             now = time.perf_counter()
             elapsed += now - t_last
             t_last = now
             lr = opt.param_groups[0]["lr"]
-            loss_value = float(loss.detach())       # one host sync per step, reused below
-            if not math.isfinite(loss_value):
-                raise FewshotError(f"training diverged at step {step} (loss {loss_value:.3g}); lower --lr")
             if step % config.log_every == 0 or step == config.episodes:
-                logger.write({"step": step, "kind": "train", "loss": round(loss_value, 6),
+                logger.write({**{k: round(float(v), 6) for k, v in metrics.items()},
+                              "step": step, "kind": "train", "loss": round(loss_value, 6),
                               "acc": round(metrics.get("acc", float("nan")), 6), "lr": lr,
                               "elapsed_s": round(elapsed, 3)})
-                bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{metrics.get('acc', 0):.3f}",
-                                lr=f"{lr:.2g}")
+                score = {"mse": f"{metrics['mse']:.3f}"} if "mse" in metrics else \
+                    {"acc": f"{metrics.get('acc', 0):.3f}"}
+                bar.set_postfix(loss=f"{loss_value:.3f}", **score, lr=f"{lr:.2g}")
             bar.update(1)
             if val_sampler is not None and config.val_every and \
                     (step % config.val_every == 0 or step == config.episodes):

@@ -53,4 +53,4 @@ def describe(name: str) -> str:
     return doc[0] if doc else ""
 
 
-from . import protonet  # noqa: E402,F401  (registers methods)
+from . import gbml, protonet  # noqa: E402,F401  (registers methods)

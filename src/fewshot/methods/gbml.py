@@ -1,0 +1,495 @@
+"""Gradient-based meta-learning on one functional inner loop, vectorised over tasks.
+
+Every method here is a variation of :meth:`GradientMethod.inner_loop`, written once with
+``torch.func.functional_call`` and ``torch.func.grad``:
+
+- which parameters adapt (``adapt``: all, head (ANIL), body (BOIL), none; CAVIA context vectors),
+- the step size (``inner_lr``; learned per-parameter tensors for Meta-SGD),
+- the update rule (SGD, or Adam for Reptile), the number of steps, first or second order.
+
+A *task function* runs the inner loop for one task and returns the task's outer loss. Its per-task
+gradients with respect to the meta-parameters come from ``torch.func.grad_and_value``, run over the task
+axis either with ``torch.func.vmap`` (``vectorize: vmap``, ``chunk`` tasks at a time to bound memory) or with
+a plain loop (``vectorize: loop``); both give the same numbers. The outer step then decides how the
+per-task gradients combine -- the mean (MAML), agreement weights (Eshratifar et al. 2018), TAML's
+inequality penalty (Jamal & Qi 2019) -- and hands the result to the trainer's optimiser as the gradient of
+a surrogate loss whose value is the mean query loss. Reptile's per-task "gradient" is ``theta - theta'``.
+
+Batch norm is an explicit mode recorded in the method config (see :mod:`fewshot.models.meta`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, grad_and_value, vmap
+
+from ..errors import FewshotError
+from ..models.meta import BN_MODES, meta_network
+from . import register
+from .base import Method
+
+LOSSES = ("auto", "ce", "mse", "bc")
+ADAPT = ("all", "head", "body", "none")
+COMBINE = ("mean", "agreement")
+TAML_PENALTIES = ("none", "entropy", "gini", "theil", "vol")
+VECTORIZE = ("auto", "loop", "vmap")
+INNER_RULES = ("sgd", "adam")
+
+Params = Dict[str, torch.Tensor]
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 (autocast outputs) to fp32 for losses; fp32 and fp64 stay as they are."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, kind: str = "auto") -> torch.Tensor:
+    """Loss of one task's outputs ``[M, D]`` against labels ``[M]`` (int) or targets ``[M, D]`` (float).
+
+    ``ce`` cross-entropy; ``mse`` mean squared error; ``bc`` behaviour cloning: squared error summed over
+    action dimensions and averaged over time steps (cross-entropy for discrete actions); ``auto`` picks
+    cross-entropy for integer labels and ``mse`` for float targets.
+    """
+    out = _upcast(out)
+    discrete = not torch.is_floating_point(y)
+    if kind in ("ce",) or (kind in ("auto", "bc") and discrete):
+        return F.cross_entropy(out, y)
+    y = y.to(out.dtype).view_as(out)
+    if kind == "bc":
+        return (out - y).pow(2).sum(-1).mean()
+    return F.mse_loss(out, y)
+
+
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean predictive entropy ``-E_x sum_n p_n log p_n`` of logits ``[M, N]``."""
+    logp = _upcast(logits).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1).mean()
+
+
+def inequality(losses: torch.Tensor, kind: str) -> torch.Tensor:
+    """TAML's inequality measures of per-task losses ``[M]`` (all positive).
+
+    gini: sum_ij |l_i - l_j| / (2 M sum_i l_i); theil: (1/M) sum (l_i/mean) ln(l_i/mean);
+    vol (variance of logarithms): (1/M) sum (ln l_i - ln g)^2 with g the geometric mean.
+    """
+    l = _upcast(losses)
+    M = l.numel()
+    if kind == "gini":
+        return (l.unsqueeze(0) - l.unsqueeze(1)).abs().sum() / (2 * M * l.sum())
+    if kind == "theil":
+        r = l / l.mean()
+        return (r * r.log()).mean()
+    if kind == "vol":
+        ll = l.log()
+        return (ll - ll.mean()).pow(2).mean()
+    raise FewshotError(f"unknown inequality measure {kind!r}; choose gini, theil or vol")
+
+
+def agreement_weights(flat_grads: torch.Tensor) -> torch.Tensor:
+    """Gradient-agreement weights ``w_i = sum_j g_i.g_j / sum_k |sum_j g_k.g_j|`` for ``[B, P]`` gradients."""
+    g = flat_grads.double()
+    s = (g @ g.T).sum(1)
+    denom = s.abs().sum()
+    if float(denom) == 0.0:
+        return torch.full_like(s, 1.0 / len(s)).to(flat_grads.dtype)
+    return (s / denom).to(flat_grads.dtype)
+
+
+def _check(value, allowed, what):
+    if value not in allowed:
+        raise FewshotError(f"unknown {what} {value!r}; choose from {', '.join(allowed)}")
+
+
+# ----------------------------------------------------------------------------------------------- base
+@dataclass
+class GradientConfig:
+    backbone: str = "auto"          #: conv4 for images, mlp for vectors
+    hidden: int = 64                #: conv4 channels
+    mlp_hidden: List[int] = field(default_factory=lambda: [40, 40])
+    activation: str = "relu"        #: mlp activation: relu | tanh
+    outputs: int = 0                #: head outputs: ways for classification (0: the run's --ways), target size
+    bn: str = "transductive"        #: transductive | running (per-step statistics, inductive) | none
+    inner_steps: int = 1            #: inner-loop steps during meta-training
+    inner_lr: float = 0.4           #: inner-loop step size (alpha)
+    test_steps: int = 0             #: inner steps at evaluation/prediction (0: same as inner_steps)
+    first_order: bool = False       #: drop second-order terms (first-order MAML)
+    adapt: str = "all"              #: which network parameters adapt: all | head (ANIL) | body (BOIL) | none
+    learn_lr: bool = False          #: learn a per-parameter step-size tensor (Meta-SGD)
+    context: int = 0                #: CAVIA context parameters (adapted; reset to 0 for every task)
+    loss: str = "auto"              #: inner and outer loss: auto | ce | mse | bc (behaviour cloning)
+    combine: str = "mean"           #: how task gradients combine: mean | agreement
+    taml: str = "none"              #: TAML penalty: none | entropy | gini | theil | vol
+    taml_weight: float = 1.0        #: lambda of the TAML penalty
+    vectorize: str = "auto"         #: task axis: auto (loop on CPU, vmap elsewhere) | loop | vmap
+    chunk: int = 0                  #: vmap: tasks per chunk (0: the whole batch)
+
+
+class GradientMethod(Method):
+    """Shared machinery: the network, the inner loop, per-task gradients and their combination."""
+
+    Config = GradientConfig
+
+    def __init__(self, config, in_shape):
+        super().__init__(config, in_shape)
+        c = config
+        _check(c.bn, BN_MODES, "batch-norm mode")
+        _check(c.adapt, ADAPT, "adapt choice")
+        _check(c.loss, LOSSES, "loss")
+        _check(c.combine, COMBINE, "combination")
+        _check(c.taml, TAML_PENALTIES, "TAML penalty")
+        _check(c.vectorize, VECTORIZE, "vectorize mode")
+        if c.inner_steps < 0 or c.test_steps < 0:
+            raise FewshotError("inner_steps and test_steps must be at least 0")
+        if c.outputs < 1:
+            raise FewshotError("outputs (the head size: ways, or the target size for regression) must be set")
+        if c.adapt == "none" and not c.context:
+            raise FewshotError("adapt none leaves nothing to adapt; give context > 0 (CAVIA) or adapt all/head/body")
+        if c.combine == "agreement" and c.taml in ("gini", "theil", "vol"):
+            raise FewshotError("choose either gradient agreement or a TAML inequality penalty, not both")
+        steps = max(c.inner_steps, c.test_steps or c.inner_steps)
+        self.net = meta_network(c.backbone, self.in_shape, c.outputs, c.hidden, c.mlp_hidden, c.bn, steps,
+                                c.context, c.activation)
+        names = [n for n, _ in self.net.named_parameters()]
+        if c.adapt == "all":
+            adapted = [n for n in names if not n.startswith("film.")]
+        elif c.adapt == "head":
+            adapted = [n for n in names if n.startswith("head.")]
+        elif c.adapt == "body":
+            adapted = [n for n in names if not n.startswith(("head.", "film."))]
+        else:
+            adapted = []
+        self.adapt_keys = adapted
+        self.lrs = nn.ParameterDict()
+        if c.learn_lr:
+            for n, p in self.net.named_parameters():
+                if n in adapted:
+                    self.lrs[n.replace(".", "__")] = nn.Parameter(torch.full_like(p, c.inner_lr))
+            if c.context:
+                self.lrs["context"] = nn.Parameter(torch.full((c.context,), c.inner_lr))
+
+    # ------------------------------------------------------------------ parameters as plain tensors
+    def meta_params(self) -> Params:
+        """The meta-parameters the task functions differentiate: network weights and learned step sizes."""
+        p = {n: t.detach() for n, t in self.net.named_parameters()}
+        p.update({"lr:" + k: t.detach() for k, t in self.lrs.items()})
+        return p
+
+    def _module_params(self) -> Dict[str, nn.Parameter]:
+        p = dict(self.net.named_parameters())
+        p.update({"lr:" + k: t for k, t in self.lrs.items()})
+        return p
+
+    def _lr(self, params: Params, key: str, lr: float):
+        if self.config.learn_lr:
+            return params["lr:" + key.replace(".", "__")]
+        return lr
+
+    # ------------------------------------------------------------------ the functional pieces
+    def forward_with(self, params: Params, x: torch.Tensor, step: int = 0):
+        """The network on ``x`` with ``params`` (network weights, optionally ``context``): ``(out, stats)``."""
+        weights = {k: v for k, v in params.items() if not k.startswith("lr:") and k != "context"}
+        return functional_call(self.net, weights, (x,), {"step": step, "context": params.get("context")})
+
+    def initial_fast(self, params: Params, like: torch.Tensor) -> Params:
+        fast = {k: params[k] for k in self.adapt_keys}
+        if self.config.context:
+            fast["context"] = torch.zeros(self.config.context, dtype=self.net.head.weight.dtype,
+                                          device=like.device)
+        return fast
+
+    def inner_loop(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+                   first_order: bool, rule: str = "sgd", betas=(0.9, 0.999)):
+        """Adapt to one task: ``steps`` updates of the adapted parameters on ``(x, y)``.
+
+        Returns the full parameter dict after adaptation and the batch statistics of each step (for the
+        running batch-norm mode). Second order unless ``first_order``: the updates stay differentiable
+        with respect to ``params``.
+        """
+        fast = self.initial_fast(params, x)
+        stats: list = []
+        m = {k: torch.zeros_like(v) for k, v in fast.items()} if rule == "adam" else None
+        v2 = {k: torch.zeros_like(v) for k, v in fast.items()} if rule == "adam" else None
+        kind = self.config.loss
+
+        for s in range(steps):
+            def support_loss(f, s=s):
+                out, st = self.forward_with({**params, **f}, x, s)
+                return task_loss(out, y, kind), st
+            g, st = grad(support_loss, has_aux=True)(fast)
+            stats.append(st)
+            if first_order:
+                g = {k: t.detach() for k, t in g.items()}
+            if rule == "sgd":
+                fast = {k: fast[k] - self._lr(params, k, lr) * g[k] for k in fast}
+            else:
+                b1, b2 = betas
+                t = s + 1
+                m = {k: b1 * m[k] + (1 - b1) * g[k] for k in fast}
+                v2 = {k: b2 * v2[k] + (1 - b2) * g[k] * g[k] for k in fast}
+                fast = {k: fast[k] - lr * (m[k] / (1 - b1 ** t)) / ((v2[k] / (1 - b2 ** t)).sqrt() + 1e-8)
+                        for k in fast}
+        return {**params, **fast}, stats
+
+    # ------------------------------------------------------------------ running the task axis
+    def _vectorize(self, device: torch.device) -> str:
+        v = self.config.vectorize
+        if v == "auto":
+            # measured: on CPU a loop of per-task convolutions beats vmap's batched (grouped) ones, while
+            # small MLPs are dominated by per-operation overhead, which vmap removes
+            conv = any(isinstance(m, nn.Conv2d) for m in self.net.modules())
+            return "loop" if device.type == "cpu" and conv else "vmap"
+        return v
+
+    def map_tasks(self, fn: Callable, params: Params, *tensors: torch.Tensor, device=None):
+        """``fn(params, *task_tensors)`` for every task of the batch, stacked along a new first axis."""
+        B = tensors[0].shape[0]
+        mode = self._vectorize(device or tensors[0].device)
+        if mode == "vmap":
+            chunk = self.config.chunk or B
+            return vmap(fn, in_dims=(None,) + (0,) * len(tensors), chunk_size=min(chunk, B),
+                        randomness="error")(params, *tensors)
+        outs = [fn(params, *(t[b] for t in tensors)) for b in range(B)]
+        return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
+
+    # ------------------------------------------------------------------ the contract
+    def task_objective(self, params: Params, sx, sy, qx, qy):
+        """Outer loss of one task after adaptation, with auxiliary outputs (loss, score, statistics)."""
+        c = self.config
+        full, stats = self.inner_loop(params, sx, sy, c.inner_steps, c.inner_lr, c.first_order)
+        out, qstats = self.forward_with(full, qx, c.inner_steps)
+        loss = task_loss(out, qy, c.loss)
+        total = loss
+        if c.taml == "entropy":
+            before, _ = self.forward_with(params, qx, 0)
+            total = total + c.taml_weight * (entropy(out) - entropy(before))
+        return total, {"loss": loss.detach(), "score": self._score(out.detach(), qy), "stats": stats + [qstats]}
+
+    def _score(self, out, y):
+        if torch.is_floating_point(y):
+            return (out.float() - y.float().view_as(out)).pow(2).mean()
+        return (out.argmax(-1) == y).float().mean()
+
+    def task_gradients(self, episode):
+        """Per-task gradients ``{name: [B, ...]}``, per-task outer losses ``[B]`` and auxiliaries."""
+        params = self.meta_params()
+        fn = grad_and_value(self.task_objective, has_aux=True)
+        grads, (losses, aux) = self.map_tasks(fn, params, episode.support_x, episode.support_y,
+                                              episode.query_x, episode.query_y)
+        return grads, losses, aux
+
+    def combine(self, grads: Params, losses: torch.Tensor) -> tuple:
+        """Coefficients ``c_i`` of the meta-gradient ``sum_i c_i g_i``, and metrics of the combination."""
+        c = self.config
+        B = losses.shape[0]
+        metrics = {}
+        if c.combine == "agreement":
+            flat = torch.cat([g.flatten(1).float() for g in grads.values()], 1)
+            coef = agreement_weights(flat)
+            metrics["agree_min"] = float(coef.min())
+        else:
+            coef = torch.full((B,), 1.0 / B, device=losses.device)
+        if c.taml in ("gini", "theil", "vol"):
+            l = losses.detach().float().clone().requires_grad_(True)
+            with torch.enable_grad():
+                ineq = inequality(l, c.taml)
+                d = torch.autograd.grad(ineq, l)[0]
+            coef = coef + c.taml_weight * d
+            metrics["inequality"] = float(ineq)
+        return coef, metrics
+
+    def _surrogate(self, grads: Params, coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """A surrogate loss whose gradient is ``sum_i coef_i g_i`` and whose value is ``value``."""
+        mod = self._module_params()
+        sur = value.new_zeros(())
+        for k, g in grads.items():
+            meta_grad = torch.tensordot(coef.to(g.dtype), g, dims=1)
+            sur = sur + (mod[k] * meta_grad.to(mod[k].dtype)).sum()
+        return sur - sur.detach() + value.detach()
+
+    def _update_running_stats(self, stats) -> None:
+        """Fold per-step batch statistics (``[step][layer] -> (mean [B, C], var [B, C])``) into the buffers."""
+        if self.config.bn != "running" or not self.training:
+            return
+        layers = self.net.norm_layers()
+        with torch.no_grad():
+            for step, per_layer in enumerate(stats):
+                for norm, (mean, var) in zip(layers, per_layer):
+                    norm.update(step, mean.mean(0), var.mean(0))
+
+    def loss(self, episode):
+        grads, losses, aux = self.task_gradients(episode)
+        coef, metrics = self.combine(grads, losses)
+        self._update_running_stats(aux.get("stats", []))
+        qloss = aux["loss"].mean()
+        out = self._surrogate(grads, coef, qloss)
+        metrics["query_loss"] = float(qloss)
+        score = float(aux["score"].mean())
+        metrics["mse" if torch.is_floating_point(episode.query_y) else "acc"] = score
+        return out, metrics
+
+    def adapt_predict(self, params: Params, sx, sy, qx, steps: int | None = None):
+        """Outputs on the queries of one task after ``steps`` inner steps on its support (no meta-gradient)."""
+        c = self.config
+        steps = (c.test_steps or c.inner_steps) if steps is None else steps
+        full, _ = self.inner_loop(params, sx, sy, steps, c.inner_lr, True)
+        out, _ = self.forward_with(full, qx, steps)
+        return out.detach()
+
+    def predict(self, support_x, support_y, query_x, ways=None, steps: int | None = None):
+        with torch.enable_grad():
+            out = self.map_tasks(lambda p, sx, sy, qx: self.adapt_predict(p, sx, sy, qx, steps),
+                                 self.meta_params(), support_x, support_y, query_x)
+        if torch.is_floating_point(support_y):
+            return out
+        ways = int(ways) if ways is not None else int(support_y.max()) + 1
+        if ways > out.shape[-1]:
+            raise FewshotError(f"this {self.name} model has a {out.shape[-1]}-way head; it cannot classify "
+                               f"{ways}-way tasks (train it with --ways {ways})")
+        return out[..., :ways]
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Features before the head (for plots), with the meta-learned weights."""
+        feats = {}
+        handle = self.net.head.register_forward_hook(lambda m, inp, out: feats.setdefault("z", inp[0]))
+        try:
+            self.net(x)
+        finally:
+            handle.remove()
+        return feats["z"]
+
+
+# ----------------------------------------------------------------------------------------------- methods
+@register("maml")
+class MAML(GradientMethod):
+    """MAML (Finn et al. 2017): second-order meta-gradient through the inner SGD steps."""
+
+
+def _preset(base, **defaults):
+    """A Config subclass of ``base.Config`` with other defaults."""
+    fields_ = {k: (type(v), field(default=v)) for k, v in defaults.items()}
+    from dataclasses import make_dataclass
+    return make_dataclass(base.Config.__name__, [(k, t, f) for k, (t, f) in fields_.items()], bases=(base.Config,))
+
+
+@register("fomaml")
+class FOMAML(GradientMethod):
+    """First-order MAML: the meta-gradient ignores second-order terms."""
+    Config = _preset(GradientMethod, first_order=True)
+
+
+@register("anil")
+class ANIL(GradientMethod):
+    """ANIL (Raghu et al. 2020): only the head adapts in the inner loop."""
+    Config = _preset(GradientMethod, adapt="head")
+
+
+@register("boil")
+class BOIL(GradientMethod):
+    """BOIL (Oh et al. 2021): only the body adapts in the inner loop; the head is fixed."""
+    Config = _preset(GradientMethod, adapt="body")
+
+
+@register("metasgd")
+class MetaSGD(GradientMethod):
+    """Meta-SGD (Li et al. 2017): learned per-parameter step sizes, meta-trained with the weights."""
+    Config = _preset(GradientMethod, learn_lr=True)
+
+
+@register("cavia")
+class CAVIA(GradientMethod):
+    """CAVIA (Zintgraf et al. 2019): only context parameters adapt; the network is shared."""
+    Config = _preset(GradientMethod, adapt="none", context=100, inner_lr=1.0)
+
+
+@register("taml")
+class TAML(GradientMethod):
+    """TAML (Jamal & Qi 2019): MAML with an entropy or inequality (Gini/Theil/VoL) task-agnostic penalty."""
+    Config = _preset(GradientMethod, taml="entropy", taml_weight=0.1)
+
+
+@dataclass
+class ADMLConfig(GradientConfig):
+    adv_eps: float = 0.2            #: FGSM step (inputs are clipped to [clip_min, clip_max])
+    adv_lr: float = 0.0             #: inner step size on adversarial data (alpha2; 0: inner_lr)
+    clean_weight: float = 1.0       #: outer weight of the clean-adapted copy on adversarial queries
+    adv_weight: float = 1.0         #: outer weight of the adversarially adapted copy on clean queries
+    clip_min: float = 0.0
+    clip_max: float = 1.0
+
+
+@register("adml")
+class ADML(GradientMethod):
+    """ADML (Yin et al. 2018): MAML on clean and FGSM-adversarial support and query sets."""
+    Config = ADMLConfig
+
+    def fgsm(self, params: Params, x, y):
+        """``x + eps * sign(grad_x L)`` clipped to the data range, for the current meta-parameters."""
+        frozen = {k: v.detach() for k, v in params.items()}
+
+        def input_loss(xx):
+            out, _ = self.forward_with(frozen, xx, 0)
+            return task_loss(out, y, self.config.loss)
+        gx = grad(input_loss)(x)
+        c = self.config
+        return (x + c.adv_eps * gx.sign()).clamp(c.clip_min, c.clip_max).detach()
+
+    def task_objective(self, params, sx, sy, qx, qy):
+        c = self.config
+        sx_adv, qx_adv = self.fgsm(params, sx, sy), self.fgsm(params, qx, qy)
+        clean, stats = self.inner_loop(params, sx, sy, c.inner_steps, c.inner_lr, c.first_order)
+        adv, _ = self.inner_loop(params, sx_adv, sy, c.inner_steps, c.adv_lr or c.inner_lr, c.first_order)
+        out_ca, _ = self.forward_with(clean, qx_adv, c.inner_steps)
+        out_ac, qstats = self.forward_with(adv, qx, c.inner_steps)
+        l1, l2 = task_loss(out_ca, qy, c.loss), task_loss(out_ac, qy, c.loss)
+        total = c.clean_weight * l1 + c.adv_weight * l2
+        return total, {"loss": total.detach(), "score": self._score(out_ac.detach(), qy),
+                       "stats": stats + [qstats]}
+
+
+@dataclass
+class ReptileConfig(GradientConfig):
+    inner_steps: int = 5
+    inner_lr: float = 1e-3
+    inner_rule: str = "adam"        #: the inner optimiser: adam | sgd
+    beta1: float = 0.0              #: inner Adam's beta1 (Nichol et al. use 0)
+    test_steps: int = 50
+    first_order: bool = True        #: Reptile has no second-order terms (fixed)
+
+
+@register("reptile")
+class Reptile(GradientMethod):
+    """Reptile (Nichol et al. 2018): move the initialisation towards the task-adapted weights.
+
+    Each task runs ``inner_steps`` SGD or Adam steps on all its examples (support and query); the task's
+    "gradient" is ``theta - theta'`` and the trainer's optimiser applies their combination. With the SGD
+    optimiser at learning rate epsilon this is exactly ``theta += epsilon * mean(theta' - theta)`` (batched
+    Reptile); a batch of one task is serial Reptile.
+    """
+    Config = ReptileConfig
+
+    def __init__(self, config, in_shape):
+        super().__init__(config, in_shape)
+        _check(config.inner_rule, INNER_RULES, "inner rule")
+        if config.learn_lr or config.taml != "none":
+            raise FewshotError("reptile has no learned step sizes or TAML penalty")
+
+    def task_delta(self, params: Params, x, y):
+        c = self.config
+        full, stats = self.inner_loop(params, x, y, c.inner_steps, c.inner_lr, True, c.inner_rule, (c.beta1, 0.999))
+        delta = {k: (params[k] - full[k]).detach() for k in self.adapt_keys}
+        with torch.no_grad():
+            out, _ = self.forward_with(full, x, c.inner_steps)
+        # loss and score of the adapted weights on the task's own (training) examples
+        return delta, {"loss": task_loss(out, y, c.loss).detach(), "score": self._score(out.detach(), y),
+                       "stats": stats}
+
+    def task_gradients(self, episode):
+        x = torch.cat([episode.support_x, episode.query_x], 1)
+        y = torch.cat([episode.support_y, episode.query_y], 1)
+        grads, aux = self.map_tasks(self.task_delta, self.meta_params(), x, y)
+        return grads, aux["loss"], aux

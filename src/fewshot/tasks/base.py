@@ -1,0 +1,46 @@
+"""Shared plumbing of task-family samplers (seeded generator, state for exact resume)."""
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch
+
+from ..episodes import Episode
+from ..errors import FewshotError
+
+
+class TaskFamily:
+    """Base class: subclasses set ``in_shape``, ``outputs``, ``regression`` and implement ``sample``."""
+
+    name = ""
+    regression = False
+    in_shape: tuple = ()
+    outputs = 1
+
+    def __init__(self, shots: int, queries: int, batch: int = 1, device="cpu", seed: int = 0):
+        for k, v in (("shots", shots), ("batch", batch)):
+            if int(v) < 1:
+                raise FewshotError(f"{k} must be at least 1, got {v}")
+        if int(queries) < 1:
+            raise FewshotError(f"queries must be at least 1, got {queries}")
+        self.shots, self.queries, self.batch = int(shots), int(queries), int(batch)
+        self.device = torch.device(device)
+        self.seed = int(seed)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(self.seed)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+    def _rand(self, *shape) -> torch.Tensor:
+        return torch.rand(*shape, generator=self.generator, device=self.device)
+
+    def sample(self, batch: Optional[int] = None) -> Episode:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Episode]:
+        while True:
+            yield self.sample()
