@@ -5,8 +5,9 @@ one inner step with inner lr 0.4, Adam outer step; the small background alphabet
 Tagalog) with rotations. Every configuration runs in its own process so its peak resident memory
 (``ru_maxrss``, the whole process) is its own:
 
-- ours: second and first order, ``vectorize`` loop and vmap, in the precision/layout a run picks on this
-  machine (``auto``: bf16 autocast + channels-last on a CPU with AMX) and in fp32 NCHW;
+- ours: second and first order; the per-task loop in one process and split over one single-threaded
+  process per core (``workers``, the default on CPU), and vmap; in the precision/layout a run picks on
+  this machine (``auto``: bf16 autocast + channels-last on a CPU with AMX) and in fp32 NCHW;
 - learn2learn 0.2.0's MAML via ``../shared/anchors/anchor_maml_l2l.py`` (second and first order), when the
   peers' virtual environment exists (``../shared/anchors/setup_anchor_venv.sh``).
 
@@ -29,13 +30,15 @@ from common import ANCHORS, OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, machine, tab
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
-    # name: (vectorize, first_order, precision, channels_last, chunk)
-    "loop-auto-2nd": ("loop", False, "auto", "auto", 0),
-    "loop-auto-1st": ("loop", True, "auto", "auto", 0),
-    "loop-fp32-2nd": ("loop", False, "fp32", False, 0),
-    "loop-fp32-1st": ("loop", True, "fp32", False, 0),
-    "vmap8-auto-2nd": ("vmap", False, "auto", False, 8),
-    "vmap8-auto-1st": ("vmap", True, "auto", False, 8),
+    # name: (vectorize, first_order, precision, channels_last, chunk, workers)
+    "loop-auto-2nd": ("loop", False, "auto", "auto", 0, 0),
+    "loop-auto-1st": ("loop", True, "auto", "auto", 0, 0),
+    "loop1-auto-2nd": ("loop", False, "auto", "auto", 0, 1),
+    "loop1-auto-1st": ("loop", True, "auto", "auto", 0, 1),
+    "loop1-fp32-2nd": ("loop", False, "fp32", False, 0, 1),
+    "loop1-fp32-1st": ("loop", True, "fp32", False, 0, 1),
+    "vmap8-auto-2nd": ("vmap", False, "auto", False, 8, 1),
+    "vmap8-auto-1st": ("vmap", True, "auto", False, 8, 1),
 }
 
 
@@ -43,7 +46,7 @@ def worker(name: str, iters: int, data: str, device: str, warmup: int = 2) -> di
     import fewshot as fs
     from fewshot.models import set_channels_last
     from fewshot.precision import autocast, resolve_channels_last, resolve_device, resolve_precision
-    vec, first, prec, cl, chunk = CONFIGS[name]
+    vec, first, prec, cl, chunk, workers = CONFIGS[name]
     dev = resolve_device(device)
     prec = resolve_precision(prec, dev)
     cl = resolve_channels_last(cl, dev)
@@ -53,7 +56,7 @@ def worker(name: str, iters: int, data: str, device: str, warmup: int = 2) -> di
     sampler = fs.episodes(train, 5, 1, 15, batch=32, seed=0, device=dev)
     torch.manual_seed(0)
     m = fs.methods.build("maml", train.image_shape, outputs=5, inner_lr=0.4, inner_steps=1, first_order=first,
-                         vectorize=vec, chunk=chunk).to(dev)
+                         vectorize=vec, chunk=chunk, workers=workers).to(dev)
     set_channels_last(m, cl)
     opt = torch.optim.Adam(m.parameters(), 1e-3)
     acc = 0.0
@@ -73,9 +76,16 @@ def worker(name: str, iters: int, data: str, device: str, warmup: int = 2) -> di
     if dev.type == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    out = {"config": name, "device": str(dev), "precision": prec, "channels_last": cl, "vectorize": vec,
+    pool = m.__dict__.get("_pool")
+    n_procs = 1 + (pool.workers if pool is not None else 0)
+    if pool is not None:
+        pool.close()            # waits for the workers, so their peak RSS is counted in RUSAGE_CHILDREN
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024
+    out = {"config": name, "processes": n_procs, "device": str(dev), "precision": prec, "channels_last": cl, "vectorize": vec,
            "order": "first" if first else "second", "tasks_per_s": round(iters * 32 / dt, 2),
-           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "last_train_acc": acc}
+           # peak resident memory of the main process plus (largest worker's peak) x (number of workers)
+           "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 + children * (n_procs - 1),
+           "last_train_acc": acc}
     if dev.type == "cuda":
         out["peak_gpu_mb"] = torch.cuda.max_memory_allocated() // 2 ** 20
     return out
@@ -140,10 +150,11 @@ def main() -> None:
             ratio = f"{r['tasks_per_s'] / peer['tasks_per_s']:.2f}" if peer and "tasks_per_s" in peer else "-"
             mem = r["peak_rss_mb"] if "peak_gpu_mb" not in r else f"{r['peak_rss_mb']} (GPU {r['peak_gpu_mb']})"
             layout = "channels-last" if r["channels_last"] else "NCHW"
-            rows.append([f"fewshot maml ({order} order)", r["device"], f"{r['precision']} {layout}",
-                         r["vectorize"] + ("" if r["vectorize"] == "loop" else f" chunk {CONFIGS[r['config']][4]}"),
+            how = (f"loop, {r['processes']} process" + ("es" if r["processes"] > 1 else "")) \
+                if r["vectorize"] == "loop" else f"vmap, chunk {CONFIGS[r['config']][4]}"
+            rows.append([f"fewshot maml ({order} order)", r["device"], f"{r['precision']} {layout}", how,
                          r["tasks_per_s"], mem, ratio])
-    print(table(rows, ["implementation", "device", "precision", "tasks", "tasks/s", "peak RSS MB",
+    print(table(rows, ["implementation", "device", "precision", "task axis", "tasks/s", "peak RSS MB (all processes)",
                        "× learn2learn (same run)"]))
 
 

@@ -401,6 +401,11 @@ def test_resume_with_nothing_to_resume(capsys, image_root: Path, tmp_path: Path)
     assert_one_line_error(rc, err, "nothing to resume")
 
 
+def test_resume_needs_the_run_directory(capsys) -> None:
+    rc, _, err = run_cli(capsys, "train", "--resume")
+    assert_one_line_error(rc, err, "--resume needs --out")
+
+
 def test_train_over_an_existing_run(capsys, run_copy: Path, image_root: Path) -> None:
     rc, _, err = run_cli(capsys, "train", "protonet", "--data", image_root, "--out", run_copy, *SMALL)
     assert_one_line_error(rc, err, "already holds a run", "--resume")

@@ -357,3 +357,23 @@ def test_predict_shapes_and_too_many_ways() -> None:
     reg = make("maml", (1,), outputs=1, mlp_hidden=[4], bn="none")
     rep = regression_episode(batch=2, dtype=torch.float32)
     assert reg.predict(rep.support_x, rep.support_y, rep.query_x).shape == (2, 6, 1)
+
+
+def test_worker_processes_give_the_loop_numbers_exactly() -> None:
+    """Splitting the task batch over single-threaded worker processes (``workers``) reproduces the in-process
+    loop bit for bit: meta-gradients, losses, running statistics and predictions."""
+    ep = image_episode(batch=5, seed=2)
+    results = []
+    for workers in (1, 3):
+        torch.manual_seed(0)
+        m = make("metasgd", IMG, outputs=3, hidden=4, bn="running", vectorize="loop", workers=workers)
+        loss, metrics = m.loss(ep)
+        loss.backward()
+        m.eval()
+        pred = m.predict(ep.support_x, ep.support_y, ep.query_x)
+        results.append((loss.item(), grads_of(m), pred, {k: v.clone() for k, v in m.state_dict().items()}))
+    (l0, g0, p0, s0), (l1, g1, p1, s1) = results
+    assert l0 == l1
+    assert all(torch.equal(g0[n], g1[n]) for n in g0)
+    assert torch.equal(p0, p1)
+    assert all(torch.equal(s0[k], s1[k]) for k in s0)

@@ -71,7 +71,10 @@ def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="meta-train a method; writes a run directory",
                        description="Meta-train METHOD on episodes from --data. Method options "
                                    "(see `fewshot methods`) and every config key are flags; --config FILE.yaml "
-                                   "sets defaults that flags override.")
+                                   "sets defaults that flags override. Without --config a method starts from "
+                                   "its literature settings (maml and its variants: 5-way 1-shot 15-query, "
+                                   "meta-batch 32; reptile: meta-batch 5, SGD outer step 1.0 annealed "
+                                   "linearly).")
     p.add_argument("method", nargs="?", help="registered method (fewshot methods); optional with --config")
     p.add_argument("--config", help="YAML recipe (see recipes/)")
     p.add_argument("--out", help="run directory (default: runs/METHOD)")
@@ -133,6 +136,8 @@ def cmd_train(a) -> int:
     from . import methods
     from .config import RunConfig
     from .run import evaluate_run, fit
+    if a.resume and not a.out:
+        raise FewshotError("--resume needs --out RUN_DIR (the run directory to continue)")
     out = Path(a.out or f"runs/{a.method or 'run'}")
     saved = out / "config.yaml"
     if a.resume and saved.is_file():
@@ -140,10 +145,18 @@ def cmd_train(a) -> int:
     else:
         cfg = RunConfig.load(a.config) if a.config else RunConfig()
     if a.method:
-        methods.get(a.method)
+        mcls = methods.get(a.method)
         if (a.config or a.resume) and cfg.method != a.method:
             cfg.options = {}
         cfg.method = a.method
+        if not a.config and not (a.resume and saved.is_file()):
+            # start from the settings the literature uses with this method; flags below override them
+            for k, v in mcls.run_defaults.items():
+                if k == "train":
+                    for tk, tv in v.items():
+                        setattr(cfg.train, tk, tv)
+                else:
+                    setattr(cfg, k, v)
     elif not a.config and not (a.resume and saved.is_file()):
         raise FewshotError("name a method (see `fewshot methods`) or pass --config")
     for k, v in vars(a).items():

@@ -4,7 +4,8 @@ Regression task families (``sampler.regression``, e.g. sine) report the mean squ
 
 Episodes are drawn in batches of :data:`EVAL_BATCH` tasks from a sampler reset to its seed, so every
 method is scored on exactly the same episodes whatever its memory needs (``chunk`` only splits the
-forward passes). Batch norm runs in evaluation mode (running statistics: inductive).
+forward passes). Batch norm runs in evaluation mode (running statistics: inductive) unless the method says
+otherwise (``method.inference_mode``: MAML with transductive batch norm reports "transductive").
 """
 from __future__ import annotations
 
@@ -114,7 +115,8 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
     accs, losses = accs[:episodes], losses[:episodes]
     m, ci, sd = mean_ci(accs)
     res = EvalResult(m, ci, sd, len(accs), sampler.ways, sampler.shots, sampler.queries, sampler.seed,
-                     loss=sum(losses) / len(losses), accuracies=accs,
+                     mode=getattr(method, "inference_mode", "inductive"), loss=sum(losses) / len(losses),
+                     accuracies=accs,
                      metric="mse" if regression else "accuracy")
     if csv_path is not None:
         write_episode_csv(res, losses, csv_path)

@@ -146,7 +146,7 @@ FAMILY_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 def _fit_family(cfg: RunConfig, out: Path, device, resume, progress, on_step) -> Run:
     """``fit`` for task families (sine, toy-binary): tasks are drawn, not split from classes."""
     train_tasks = tasks.make(cfg.data, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
-                             seed=cfg.seed + FAMILY_SEEDS["train"], ways=cfg.ways)
+                             seed=cfg.seed + FAMILY_SEEDS["train"])
     if train_tasks.regression:
         cfg.ways = 0
     else:
@@ -244,6 +244,9 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
     Returns [(query path, predicted class, probability)] and writes them as CSV when ``out_csv`` is given.
     """
     from .data.folder import image_folder, list_images, load_files
+    if tasks.is_family(run.config.data):
+        raise FewshotError(f"predict labels image files; this run was trained on the {run.config.data!r} task "
+                           "family (use method.predict in Python for its tasks)")
     sup = image_folder(support, size=run.preprocess.size, channels=run.preprocess.channels,
                        invert=run.preprocess.invert, cache=False)
     files: List[Path] = []

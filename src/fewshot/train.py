@@ -207,8 +207,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
             lr = opt.param_groups[0]["lr"]
             if step % config.log_every == 0 or step == config.episodes:
                 logger.write({**{k: round(float(v), 6) for k, v in metrics.items()},
-                              "step": step, "kind": "train", "loss": round(loss_value, 6),
-                              "acc": round(metrics.get("acc", float("nan")), 6), "lr": lr,
+                              "step": step, "kind": "train", "loss": round(loss_value, 6), "lr": lr,
                               "elapsed_s": round(elapsed, 3)})
                 score = {"mse": f"{metrics['mse']:.3f}"} if "mse" in metrics else \
                     {"acc": f"{metrics.get('acc', 0):.3f}"}

@@ -24,6 +24,9 @@ from ..errors import FewshotError
 class Method(nn.Module, metaclass=abc.ABCMeta):
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    #: run settings the literature uses with this method (RunConfig fields; "train" holds TrainConfig
+    #: fields); ``fewshot train METHOD`` starts from them when no --config recipe is given
+    run_defaults: ClassVar[dict] = {}
 
     def __init__(self, config, in_shape: Sequence[int]):
         super().__init__()

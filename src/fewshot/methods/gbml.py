@@ -19,6 +19,7 @@ Batch norm is an explicit mode recorded in the method config (see :mod:`fewshot.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List
 
@@ -125,14 +126,17 @@ class GradientConfig:
     combine: str = "mean"           #: how task gradients combine: mean | agreement
     taml: str = "none"              #: TAML penalty: none | entropy | gini | theil | vol
     taml_weight: float = 1.0        #: lambda of the TAML penalty
-    vectorize: str = "auto"         #: task axis: auto (loop on CPU, vmap elsewhere) | loop | vmap
+    vectorize: str = "auto"         #: task axis: auto (loop for conv nets on CPU, else vmap) | loop | vmap
     chunk: int = 0                  #: vmap: tasks per chunk (0: the whole batch)
+    workers: int = 0                #: loop on CPU: single-threaded processes sharing the tasks (0: one per thread)
 
 
 class GradientMethod(Method):
     """Shared machinery: the network, the inner loop, per-task gradients and their combination."""
 
     Config = GradientConfig
+    run_defaults = {"ways": 5, "shots": 1, "queries": 15, "batch": 32, "val_queries": 15,
+                    "train": {"schedule": "none"}}
 
     def __init__(self, config, in_shape):
         super().__init__(config, in_shape)
@@ -171,6 +175,12 @@ class GradientMethod(Method):
                     self.lrs[n.replace(".", "__")] = nn.Parameter(torch.full_like(p, c.inner_lr))
             if c.context:
                 self.lrs["context"] = nn.Parameter(torch.full((c.context,), c.inner_lr))
+
+    @property
+    def inference_mode(self) -> str:
+        """How queries are classified, for evaluation reports: transductive batch norm normalises each task's
+        query set with its own statistics; running statistics (or none) classify each query alone."""
+        return "transductive" if self.config.bn == "transductive" else "inductive"
 
     # ------------------------------------------------------------------ parameters as plain tensors
     def meta_params(self) -> Params:
@@ -220,7 +230,7 @@ class GradientMethod(Method):
             def support_loss(f, s=s):
                 out, st = self.forward_with({**params, **f}, x, s)
                 return task_loss(out, y, kind), st
-            g, st = grad(support_loss, has_aux=True)(fast)
+            g, st = self.grad(support_loss, create_graph=not first_order)(fast)
             stats.append(st)
             if first_order:
                 g = {k: t.detach() for k, t in g.items()}
@@ -235,6 +245,32 @@ class GradientMethod(Method):
                         for k in fast}
         return {**params, **fast}, stats
 
+    # ------------------------------------------------------------------ differentiation backends
+    _backend = "func"
+
+    def grad(self, f: Callable, create_graph: bool = True) -> Callable:
+        """``torch.func.grad(f, has_aux=True)``, or its autograd twin in the per-task loop.
+
+        Under ``vmap`` the inner gradient must be a function transform. In the plain loop the same
+        inner loop runs on ``torch.autograd.grad`` instead (``create_graph`` only for second order), which
+        measured about 1.5x faster on CPU for second-order MAML and skips building graphs that first-order
+        methods would throw away. Both return ``(gradients like the argument, aux)``.
+        """
+        if self._backend == "func":
+            return grad(f, has_aux=True)
+
+        def run(arg):
+            single = isinstance(arg, torch.Tensor)
+            items = {"x": arg} if single else dict(arg)
+            leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in items.items()}
+            with torch.enable_grad():
+                value, aux = f(leaves["x"] if single else leaves)
+                gs = torch.autograd.grad(value, list(leaves.values()), create_graph=create_graph,
+                                         allow_unused=True)
+            out = {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(leaves, gs)}
+            return (out["x"] if single else out), aux
+        return run
+
     # ------------------------------------------------------------------ running the task axis
     def _vectorize(self, device: torch.device) -> str:
         v = self.config.vectorize
@@ -245,15 +281,70 @@ class GradientMethod(Method):
             return "loop" if device.type == "cpu" and conv else "vmap"
         return v
 
-    def map_tasks(self, fn: Callable, params: Params, *tensors: torch.Tensor, device=None):
-        """``fn(params, *task_tensors)`` for every task of the batch, stacked along a new first axis."""
+    def _workers(self, device: torch.device, batch: int) -> int:
+        w = self.config.workers
+        if w == 0:      # auto: one single-threaded process per intra-op thread on CPU
+            w = torch.get_num_threads() if device.type == "cpu" else 1
+        return max(1, min(int(w), batch))
+
+    def map_tasks(self, fn: str, params: Params, *tensors: torch.Tensor, with_grad: bool = False, **kwargs):
+        """``self.<fn>(params, *task_tensors, **kwargs)`` for every task of the batch, stacked along a new
+        first axis: through ``vmap``, or a loop (split over worker processes when ``workers`` > 1).
+
+        ``with_grad``: the function returns ``(value, aux)`` and the result is
+        ``(d value / d params, (value, aux))`` per task, as ``torch.func.grad_and_value(fn, has_aux=True)`` gives.
+        """
         B = tensors[0].shape[0]
-        mode = self._vectorize(device or tensors[0].device)
+        device = tensors[0].device
+        mode = self._vectorize(device)
         if mode == "vmap":
             chunk = self.config.chunk or B
-            return vmap(fn, in_dims=(None,) + (0,) * len(tensors), chunk_size=min(chunk, B),
+            f = functools.partial(getattr(self, fn), **kwargs) if kwargs else getattr(self, fn)
+            f = grad_and_value(f, has_aux=True) if with_grad else f
+            self._backend = "func"
+            return vmap(f, in_dims=(None,) + (0,) * len(tensors), chunk_size=min(chunk, B),
                         randomness="error")(params, *tensors)
-        outs = [fn(params, *(t[b] for t in tensors)) for b in range(B)]
+        workers = self._workers(device, B)
+        if workers == 1:
+            return self.local_map(fn, params, *tensors, with_grad=with_grad, **kwargs)
+        from ..parallel import TaskPool
+        pool = self.__dict__.get("_pool")
+        if pool is None or pool.workers != workers - 1:
+            if pool is not None:
+                pool.close()
+            pool = self.__dict__["_pool"] = TaskPool(self, workers - 1)
+        bounds = [round(i * B / workers) for i in range(workers + 1)]
+        shares = [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:])]
+        sent = pool.submit(self, fn, tensors, shares[1:], with_grad, kwargs)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            mine = self.local_map(fn, params, *(t[shares[0]] for t in tensors), with_grad=with_grad, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+            theirs = pool.collect(sent)
+        theirs = torch.utils._pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, theirs)
+        return torch.utils._pytree.tree_map(lambda *xs: torch.cat(xs), mine, *theirs)
+
+    def local_map(self, fn: str, params: Params, *tensors: torch.Tensor, with_grad: bool = False, **kwargs):
+        """The plain per-task loop of :meth:`map_tasks`, in this process, on ``torch.autograd``."""
+        f = getattr(self, fn)
+
+        def per_task(p, *ts):
+            if not with_grad:
+                return f(p, *ts, **kwargs)
+            leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
+            with torch.enable_grad():
+                value, aux = f(leaves, *ts, **kwargs)
+                gs = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+            grads = {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(leaves, gs)}
+            return grads, (value.detach(), aux)
+
+        self._backend = "autograd"
+        try:
+            outs = [per_task(params, *(t[b] for t in tensors)) for b in range(tensors[0].shape[0])]
+        finally:
+            self._backend = "func"
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     # ------------------------------------------------------------------ the contract
@@ -276,10 +367,8 @@ class GradientMethod(Method):
 
     def task_gradients(self, episode):
         """Per-task gradients ``{name: [B, ...]}``, per-task outer losses ``[B]`` and auxiliaries."""
-        params = self.meta_params()
-        fn = grad_and_value(self.task_objective, has_aux=True)
-        grads, (losses, aux) = self.map_tasks(fn, params, episode.support_x, episode.support_y,
-                                              episode.query_x, episode.query_y)
+        grads, (losses, aux) = self.map_tasks("task_objective", self.meta_params(), episode.support_x,
+                                              episode.support_y, episode.query_x, episode.query_y, with_grad=True)
         return grads, losses, aux
 
     def combine(self, grads: Params, losses: torch.Tensor) -> tuple:
@@ -299,7 +388,7 @@ class GradientMethod(Method):
                 ineq = inequality(l, c.taml)
                 d = torch.autograd.grad(ineq, l)[0]
             coef = coef + c.taml_weight * d
-            metrics["inequality"] = float(ineq)
+            metrics["inequality"] = float(ineq.detach())
         return coef, metrics
 
     def _surrogate(self, grads: Params, coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -341,16 +430,18 @@ class GradientMethod(Method):
         return out.detach()
 
     def predict(self, support_x, support_y, query_x, ways=None, steps: int | None = None):
+        """Adapt to each task's support set (``steps``, default ``test_steps``) and return query outputs:
+        logits ``[B, M, ways]`` (the first ``ways`` outputs of the head), or predictions for regression."""
+        regression = torch.is_floating_point(support_y)
+        if not regression:
+            ways = int(ways) if ways is not None else int(support_y.max()) + 1
+            head = self.net.head.out_features
+            if ways > head:
+                raise FewshotError(f"this {self.name} model has a {head}-way head; it cannot classify "
+                                   f"{ways}-way tasks (train it with --ways {ways})")
         with torch.enable_grad():
-            out = self.map_tasks(lambda p, sx, sy, qx: self.adapt_predict(p, sx, sy, qx, steps),
-                                 self.meta_params(), support_x, support_y, query_x)
-        if torch.is_floating_point(support_y):
-            return out
-        ways = int(ways) if ways is not None else int(support_y.max()) + 1
-        if ways > out.shape[-1]:
-            raise FewshotError(f"this {self.name} model has a {out.shape[-1]}-way head; it cannot classify "
-                               f"{ways}-way tasks (train it with --ways {ways})")
-        return out[..., :ways]
+            out = self.map_tasks("adapt_predict", self.meta_params(), support_x, support_y, query_x, steps=steps)
+        return out if regression else out[..., :ways]
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features before the head (for plots), with the meta-learned weights."""
@@ -434,7 +525,7 @@ class ADML(GradientMethod):
         def input_loss(xx):
             out, _ = self.forward_with(frozen, xx, 0)
             return task_loss(out, y, self.config.loss)
-        gx = grad(input_loss)(x)
+        gx, _ = self.grad(lambda xx: (input_loss(xx), ()), create_graph=False)(x)
         c = self.config
         return (x + c.adv_eps * gx.sign()).clamp(c.clip_min, c.clip_max).detach()
 
@@ -471,6 +562,8 @@ class Reptile(GradientMethod):
     Reptile); a batch of one task is serial Reptile.
     """
     Config = ReptileConfig
+    run_defaults = {"ways": 5, "shots": 1, "queries": 9, "batch": 5, "val_queries": 15,
+                    "train": {"optimizer": "sgd", "lr": 1.0, "schedule": "linear"}}
 
     def __init__(self, config, in_shape):
         super().__init__(config, in_shape)
@@ -491,5 +584,5 @@ class Reptile(GradientMethod):
     def task_gradients(self, episode):
         x = torch.cat([episode.support_x, episode.query_x], 1)
         y = torch.cat([episode.support_y, episode.query_y], 1)
-        grads, aux = self.map_tasks(self.task_delta, self.meta_params(), x, y)
+        grads, aux = self.map_tasks("task_delta", self.meta_params(), x, y)
         return grads, aux["loss"], aux

@@ -46,6 +46,10 @@ class MetaNorm(nn.Module):
         if self.mode == "running" and not self.training:
             s = min(step, self.running_mean.shape[0] - 1)
             return F.batch_norm(x, self.running_mean[s], self.running_var[s], w, b, False, 0.0, self.eps)
+        if x.dtype != w.dtype:
+            # autocast hands bf16 activations to fp32 affine weights; mixed dtypes have no vmap batching
+            # rule, so normalise in the activations' dtype (statistics are still accumulated in fp32)
+            w, b = w.to(x.dtype), b.to(x.dtype)
         if self.mode == "running":
             with torch.no_grad():
                 dims = [0] + list(range(2, x.dim()))

@@ -39,7 +39,7 @@ class BinaryTasks(TaskFamily):
                                                 device=self.device) / self.dim ** 0.5
         M = K + Q
         x = self._rand(B, 2, M, self.dim)                        # class-major: [B, class, point, dim]
-        side = ((x - 0.5) @ w.unsqueeze(-1)).squeeze(-1) > 0     # [B, 2, M]
+        side = ((x - 0.5) @ w.view(B, 1, self.dim, 1)).squeeze(-1) > 0     # [B, 2, M]
         want = torch.tensor([False, True], device=self.device).view(1, 2, 1)
         x = torch.where((side != want).unsqueeze(-1), 1 - x, x)
         y = torch.arange(2, device=self.device).view(1, 2, 1).expand(B, 2, M)

@@ -1,0 +1,138 @@
+"""Task-parallel worker processes for the per-task loop of gradient-based methods (CPU).
+
+On a CPU, one process running tasks one after another on 2 intra-op threads uses the cores poorly: the
+per-task tensors are small and many operations do not split well over threads. Running the task batch in
+``P`` single-threaded processes, each with its own share of the tasks, uses every core fully. The main
+process computes the first share itself; each worker is a plain ``python -m fewshot.parallel`` child
+(no ``fork`` of a process whose OpenMP threads are running, no re-import of the user's ``__main__``) that
+receives the method's state and its tasks over a pipe and sends back the per-task results.
+
+The arithmetic of every task is exactly the single-process loop's; only the order in which per-task
+results are stacked is fixed (task order), so results match the loop up to float summation order
+downstream (tested).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from typing import Any, List, Optional
+
+import torch
+
+from .errors import FewshotError
+
+_HEADER = struct.Struct("<Q")
+
+
+def _send(stream, obj) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _recv(stream):
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError("worker pipe closed")
+    (n,) = _HEADER.unpack(head)
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = stream.read(n - len(buf))
+        if not chunk:
+            raise EOFError("worker pipe closed")
+        buf += chunk
+    return pickle.loads(bytes(buf))
+
+
+class TaskPool:
+    """``workers`` helper processes holding a copy of one method; see :meth:`run`."""
+
+    def __init__(self, method, workers: int):
+        self.workers = int(workers)
+        self.procs: List[subprocess.Popen] = []
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        init = {"method": method.name, "config": method.config_dict(), "in_shape": list(method.in_shape)}
+        for _ in range(self.workers):
+            p = subprocess.Popen([sys.executable, "-m", "fewshot.parallel"], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, env=env)
+            _send(p.stdin, init)
+            self.procs.append(p)
+        self._version = None
+        atexit.register(self.close)
+
+    def submit(self, method, fn_name: str, tensors: tuple, shares: List[slice], with_grad: bool,
+               kwargs: Optional[dict] = None) -> int:
+        """Send each of ``shares`` (slices of the task axis of ``tensors``) to a worker, with the method's
+        current state, mode and autocast setting; returns how many requests went out (see :meth:`collect`)."""
+        if len(shares) > len(self.procs):
+            raise ValueError("more shares than workers")
+        state = {k: v.detach().cpu() for k, v in method.state_dict().items()}
+        ac = torch.is_autocast_enabled("cpu")
+        msg = {"state": state, "training": method.training, "fn": fn_name, "with_grad": with_grad,
+               "kwargs": kwargs or {}, "autocast": torch.get_autocast_dtype("cpu") if ac else None,
+               "channels_last": bool(getattr(getattr(method, "net", None), "channels_last", False))}
+        for p, sl in zip(self.procs, shares):
+            _send(p.stdin, {**msg, "tensors": tuple(t[sl].cpu() for t in tensors)})
+        return len(shares)
+
+    def collect(self, n: int) -> List[Any]:
+        """The results of the first ``n`` workers, in order."""
+        out = []
+        for p in self.procs[:n]:
+            reply = _recv(p.stdout)
+            if isinstance(reply, dict) and "error" in reply:
+                raise FewshotError(f"task worker failed: {reply['error']}")
+            out.append(reply)
+        return out
+
+    def __del__(self):
+        self.close()
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                p.stdin.close()
+                p.wait(timeout=5)
+            except Exception:
+                p.kill()
+        self.procs = []
+
+
+def _serve() -> None:
+    """Worker loop: build the method once, then answer map requests until stdin closes."""
+    from . import methods
+    from .models import set_channels_last
+    torch.set_num_threads(1)
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+    init = _recv(inp)
+    method = methods.build(init["method"], init["in_shape"], **init["config"])
+    method.config.vectorize = "loop"
+    layout = None
+    while True:
+        try:
+            msg = _recv(inp)
+        except EOFError:
+            return
+        try:
+            if msg["channels_last"] != layout:
+                set_channels_last(method, msg["channels_last"])
+                layout = msg["channels_last"]
+            method.load_state_dict(msg["state"])
+            method.train(msg["training"])
+            ctx = torch.autocast("cpu", dtype=msg["autocast"]) if msg["autocast"] is not None \
+                else torch.autocast("cpu", enabled=False)
+            with ctx:
+                res = method.local_map(msg["fn"], method.meta_params(), *msg["tensors"],
+                                       with_grad=msg["with_grad"], **msg["kwargs"])
+            _send(out, res)
+        except Exception as e:  # report to the parent instead of dying silently
+            _send(out, {"error": f"{type(e).__name__}: {e}"})
+
+
+if __name__ == "__main__":
+    _serve()
