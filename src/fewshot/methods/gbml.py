@@ -8,9 +8,11 @@ Every method here is a variation of :meth:`GradientMethod.inner_loop`, written o
 - the update rule (SGD, or Adam for Reptile), the number of steps, first or second order.
 
 A *task function* runs the inner loop for one task and returns the task's outer loss. Its per-task
-gradients with respect to the meta-parameters come from ``torch.func.grad_and_value``, run over the task
-axis either with ``torch.func.vmap`` (``vectorize: vmap``, ``chunk`` tasks at a time to bound memory) or with
-a plain loop (``vectorize: loop``); both give the same numbers. The outer step then decides how the
+gradients with respect to the meta-parameters are computed over the task axis either with
+``torch.func.vmap`` of ``torch.func.grad_and_value`` (``vectorize: vmap``, ``chunk`` tasks at a time to bound
+memory) or with a plain loop (``vectorize: loop``) in which the same code differentiates with
+``torch.autograd`` (faster on CPU) and the tasks can be shared among single-threaded worker processes
+(``workers``, see :mod:`fewshot.parallel`); all give the same numbers (tested). The outer step then decides how the
 per-task gradients combine -- the mean (MAML), agreement weights (Eshratifar et al. 2018), TAML's
 inequality penalty (Jamal & Qi 2019) -- and hands the result to the trainer's optimiser as the gradient of
 a surrogate loss whose value is the mean query loss. Reptile's per-task "gradient" is ``theta - theta'``.
