@@ -71,7 +71,7 @@ def test_sine_train_eval_plot(capsys, tmp_path: Path) -> None:
                            "--val-shots", "5", "--inner-lr", "0.01", "--bn", "none", "--test-shots", "5",
                            "--test-queries", "20", "--test-episodes", "20", "--no-progress", "--out", run)
     assert rc == 0, err
-    assert "test accuracy: MSE" in out and "5-shot 20-query" in out
+    assert "test error: MSE" in out and "5-shot 20-query" in out
     rc, out, err = run_cli(capsys, "eval", run, "--shots", "10", "--queries", "10", "--episodes", "30",
                            "--no-progress")
     assert rc == 0 and out.startswith("MSE") and "30 tasks" in out, err

@@ -200,7 +200,7 @@ def cmd_train(a) -> int:
     if not a.no_eval:
         res = evaluate_run(run, ways=cfg.test_ways, shots=cfg.test_shots, queries=cfg.test_queries,
                            episodes=cfg.test_episodes, progress=not a.no_progress)
-        print(f"test accuracy: {res}")
+        print(f"test {'accuracy' if res.metric == 'accuracy' else 'error'}: {res}")
     return 0
 
 
