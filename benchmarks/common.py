@@ -4,7 +4,9 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -58,3 +60,17 @@ def peer_protonet_train_speed(episodes: int = 200) -> float | None:
         p.kill()
         p.wait()
     raise RuntimeError("the easyfsl anchor printed no progress line")
+
+
+def fit_fresh(cfg, out: Path) -> tuple:
+    """Train ``cfg`` into ``out`` (an earlier run there is deleted), printing the machine first.
+
+    Returns ``(run, wall_s)``; ``run.train_result`` holds the steps and the training time."""
+    import fewshot as fs
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    print(f"machine: {machine()}", flush=True)
+    t0 = time.time()
+    run = fs.fit(cfg, out, progress=False)
+    return run, time.time() - t0

@@ -10,11 +10,10 @@ usage: python benchmarks/omniglot_gbml.py maml [--minutes 55] [--out runs/bench_
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, machine, table
+from common import OMNIGLOT, ROOT, fit_fresh, table
 
 import fewshot as fs
 
@@ -35,13 +34,7 @@ def main() -> None:
     cfg.data = a.data
     if a.minutes:
         cfg.train.time_limit_s = a.minutes * 60
-    out = Path(a.out or ROOT / "runs" / f"bench_omniglot_{a.method}")
-    if out.exists():
-        shutil.rmtree(out)
-    print(f"machine: {machine()}", flush=True)
-    t0 = time.time()
-    run = fs.fit(cfg, out, progress=False)
-    wall = time.time() - t0
+    run, wall = fit_fresh(cfg, Path(a.out or ROOT / "runs" / f"bench_omniglot_{a.method}"))
     train_s, steps = run.train_result.train_time_s, run.train_result.steps
     print(f"trained {steps} meta-steps of {cfg.batch} tasks: {train_s / 60:.1f} min of training "
           f"({wall / 60:.1f} min wall)", flush=True)

@@ -10,11 +10,9 @@ usage: python benchmarks/omniglot_protonet.py [--recipe recipes/X.yaml] [--out r
 from __future__ import annotations
 
 import argparse
-import shutil
-import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, machine, table
+from common import OMNIGLOT, ROOT, fit_fresh, table
 
 import fewshot as fs
 
@@ -34,13 +32,7 @@ def main() -> None:
     cfg.data = a.data
     if a.episodes:
         cfg.train.episodes = a.episodes
-    out = Path(a.out)
-    if out.exists():
-        shutil.rmtree(out)
-    print(f"machine: {machine()}", flush=True)
-    t0 = time.time()
-    run = fs.fit(cfg, out, progress=False)
-    wall = time.time() - t0
+    run, wall = fit_fresh(cfg, Path(a.out))
     train_s, steps = run.train_result.train_time_s, run.train_result.steps
     print(f"trained {steps} steps: {train_s / 60:.1f} min of training steps "
           f"({wall / 60:.1f} min wall including data loading and validation)", flush=True)

@@ -13,12 +13,12 @@ downstream (tested).
 """
 from __future__ import annotations
 
-import atexit
 import os
 import pickle
 import struct
 import subprocess
 import sys
+import weakref
 from typing import Any, List, Optional
 
 import torch
@@ -50,7 +50,9 @@ def _recv(stream):
 
 
 class TaskPool:
-    """``workers`` helper processes holding a copy of one method; see :meth:`run`."""
+    """``workers`` helper processes holding a copy of one method: :meth:`submit`, then :meth:`collect`.
+
+    The processes end when the pool is closed, garbage-collected or the interpreter exits."""
 
     def __init__(self, method, workers: int):
         self.workers = int(workers)
@@ -62,8 +64,9 @@ class TaskPool:
                                  stdout=subprocess.PIPE, env=env)
             _send(p.stdin, init)
             self.procs.append(p)
-        self._version = None
-        atexit.register(self.close)
+        # a finaliser, not atexit.register(self.close): that would keep every pool (and its processes)
+        # alive until exit
+        self._finalizer = weakref.finalize(self, _stop, self.procs)
 
     def submit(self, method, fn_name: str, tensors: tuple, shares: List[slice], with_grad: bool,
                kwargs: Optional[dict] = None) -> int:
@@ -90,17 +93,18 @@ class TaskPool:
             out.append(reply)
         return out
 
-    def __del__(self):
-        self.close()
-
     def close(self) -> None:
-        for p in self.procs:
-            try:
-                p.stdin.close()
-                p.wait(timeout=5)
-            except Exception:
-                p.kill()
-        self.procs = []
+        self._finalizer()
+
+
+def _stop(procs: List[subprocess.Popen]) -> None:
+    for p in procs:
+        try:
+            p.stdin.close()
+            p.wait(timeout=5)
+        except Exception:
+            p.kill()
+    procs.clear()
 
 
 def _serve() -> None:

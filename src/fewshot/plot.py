@@ -17,6 +17,14 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, out: Path) -> Path:
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def learning_curves(run_dir: Path, out: Path) -> Optional[Path]:
     """Training loss/accuracy (smoothed) and validation accuracy +- CI against the step."""
     f = run_dir / "metrics.jsonl"
@@ -58,11 +66,7 @@ def learning_curves(run_dir: Path, out: Path) -> Optional[Path]:
     axes[1].set_ylabel("MSE" if regression else "accuracy (%)")
     axes[1].legend()
     fig.suptitle(f"{run_dir.name}: learning curves")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 @torch.no_grad()
@@ -91,11 +95,7 @@ def tsne_embeddings(run, ds, out: Path, max_classes: int = 10, per_class: int = 
     ax.set_yticks([])
     ax.set_title(f"t-SNE of {run.method.name} embeddings: {n} held-out classes")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def sine_adaptation(run, out: Path, shots: int = 10, tasks_shown: int = 3, seed: int = 0) -> Path:
@@ -127,24 +127,18 @@ def sine_adaptation(run, out: Path, shots: int = 10, tasks_shown: int = 3, seed:
         ax.set_xlabel("x")
     axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{run.path.name}: {method.name} on held-out sine tasks")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Path]:
     """Write the run's plots under ``RUN/plots``; returns the files written."""
-    from . import tasks
-    from .run import test_classes
+    from .run import task_family, test_classes
     out_dir = Path(run.path) / "plots"
     written = []
     lc = learning_curves(Path(run.path), out_dir / "learning_curves.png")
     if lc:
         written.append(lc)
-    family = data if data is not None and tasks.is_family(data) else \
-        (run.config.data if data is None and tasks.is_family(run.config.data) else None)
+    family = task_family(run, data)
     if family == "sine":
         written.append(sine_adaptation(run, out_dir / "sine_adaptation.png", shots=run.config.shots))
         return written

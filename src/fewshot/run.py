@@ -199,6 +199,13 @@ def load_run(path: str | Path, which: str = "best", device=None) -> Run:
     return Run(method, cfg, Preprocess.from_dict(ck["preprocess"]), run_dir, dev, precision, ck)
 
 
+def task_family(run: Run, data: Optional[str] = None) -> Optional[str]:
+    """The task family (sine, toy-binary) to draw held-out tasks from: ``data`` if it names one, else the
+    run's own family when ``data`` is not given; ``None`` for class data."""
+    spec = data if data is not None else run.config.data
+    return spec if tasks.is_family(spec) else None
+
+
 def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
     """The held-out classes to evaluate on: all classes of ``data`` if given, else the run's test split."""
     if data is not None:
@@ -215,8 +222,7 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
                  episodes: int = 1000, seed: int = 0, progress: bool = True, save: bool = True) -> EvalResult:
     """Evaluate a run on held-out classes (or held-out tasks of a task family); writes
     ``eval/<N>w<K>s….json`` and the per-episode CSV."""
-    family = data if data is not None and tasks.is_family(data) else \
-        (run.config.data if data is None and tasks.is_family(run.config.data) else None)
+    family = task_family(run, data)
     if family is not None:
         sampler = tasks.make(family, shots, queries, device=run.device, seed=FAMILY_SEEDS["test"] + seed,
                              ways=None)

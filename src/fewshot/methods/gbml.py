@@ -22,7 +22,7 @@ Batch norm is an explicit mode recorded in the method config (see :mod:`fewshot.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Callable, Dict, List
 
 import torch
@@ -101,6 +101,12 @@ def agreement_weights(flat_grads: torch.Tensor) -> torch.Tensor:
     if float(denom) == 0.0:
         return torch.full_like(s, 1.0 / len(s)).to(flat_grads.dtype)
     return (s / denom).to(flat_grads.dtype)
+
+
+def _autograd_grads(value: torch.Tensor, leaves: Params, create_graph: bool) -> Params:
+    """``d value / d leaves`` as a dict like ``leaves``; zeros where ``value`` does not depend on a leaf."""
+    gs = torch.autograd.grad(value, list(leaves.values()), create_graph=create_graph, allow_unused=True)
+    return {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(leaves, gs)}
 
 
 def _check(value, allowed, what):
@@ -267,9 +273,7 @@ class GradientMethod(Method):
             leaves = {k: v if v.requires_grad else v.detach().requires_grad_(True) for k, v in items.items()}
             with torch.enable_grad():
                 value, aux = f(leaves["x"] if single else leaves)
-                gs = torch.autograd.grad(value, list(leaves.values()), create_graph=create_graph,
-                                         allow_unused=True)
-            out = {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(leaves, gs)}
+                out = _autograd_grads(value, leaves, create_graph)
             return (out["x"] if single else out), aux
         return run
 
@@ -338,8 +342,7 @@ class GradientMethod(Method):
             leaves = {k: v.detach().requires_grad_(True) for k, v in p.items()}
             with torch.enable_grad():
                 value, aux = f(leaves, *ts, **kwargs)
-                gs = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-            grads = {k: g if g is not None else torch.zeros_like(leaves[k]) for k, g in zip(leaves, gs)}
+                grads = _autograd_grads(value, leaves, create_graph=False)
             return grads, (value.detach(), aux)
 
         self._backend = "autograd"
@@ -464,9 +467,8 @@ class MAML(GradientMethod):
 
 def _preset(base, **defaults):
     """A Config subclass of ``base.Config`` with other defaults."""
-    fields_ = {k: (type(v), field(default=v)) for k, v in defaults.items()}
-    from dataclasses import make_dataclass
-    return make_dataclass(base.Config.__name__, [(k, t, f) for k, (t, f) in fields_.items()], bases=(base.Config,))
+    return make_dataclass(base.Config.__name__, [(k, type(v), field(default=v)) for k, v in defaults.items()],
+                          bases=(base.Config,))
 
 
 @register("fomaml")

@@ -1,6 +1,7 @@
 """Shared plumbing of task-family samplers (seeded generator, state for exact resume)."""
 from __future__ import annotations
 
+import abc
 from typing import Iterator, Optional
 
 import torch
@@ -9,7 +10,7 @@ from ..episodes import Episode
 from ..errors import FewshotError
 
 
-class TaskFamily:
+class TaskFamily(abc.ABC):
     """Base class: subclasses set ``in_shape``, ``outputs``, ``regression`` and implement ``sample``."""
 
     name = ""
@@ -38,8 +39,9 @@ class TaskFamily:
     def _rand(self, *shape) -> torch.Tensor:
         return torch.rand(*shape, generator=self.generator, device=self.device)
 
+    @abc.abstractmethod
     def sample(self, batch: Optional[int] = None) -> Episode:
-        raise NotImplementedError
+        """A batch of ``batch`` (default ``self.batch``) tasks as an :class:`Episode`."""
 
     def __iter__(self) -> Iterator[Episode]:
         while True:
