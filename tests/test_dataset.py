@@ -33,7 +33,7 @@ def test_layout(synthetic: ClassDataset) -> None:
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(data=torch.zeros(4, 1, 2, 2)), "uint8"),
+    (dict(data=torch.zeros(4, 1, 2, 2, dtype=torch.float64)), "uint8 or float32"),
     (dict(data=_u8(4, 2, 2)), "uint8"),
     (dict(counts=[2, 1]), "sum to 3"),
     (dict(names=["a"]), "1 names for 2 classes"),

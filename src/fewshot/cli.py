@@ -214,7 +214,8 @@ def cmd_eval(a) -> int:
         print(f"overall error rate: {res['error_rate']:.2f}% over {res['n']} test images "
               f"({len(res['runs'])} runs)")
         return 0
-    res = evaluate_run(run, a.data, a.ways, a.shots, a.queries, a.episodes, a.seed, progress=not a.no_progress)
+    res = evaluate_run(run, a.data, a.ways, a.shots, a.queries, a.episodes, a.seed, progress=not a.no_progress,
+                       unlabeled=a.unlabeled, distractors=a.distractors)
     print(res)
     return 0
 
@@ -276,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, default=15)
     e.add_argument("--episodes", type=int, default=1000)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--unlabeled", type=int, default=None,
+                   help="unlabelled examples per way (semi-supervised; default: as trained)")
+    e.add_argument("--distractors", type=int, default=None,
+                   help="distractor classes among the unlabelled examples (default: as trained)")
     e.add_argument("--lake-runs", help="Lake et al.'s all_runs.zip (or its folder): report error rates")
     _common(e)
     e.set_defaults(func=cmd_eval)

@@ -35,6 +35,9 @@ class RunConfig:
     queries: int = 5
     batch: int = 1              #: tasks per training step
     same_group: float = 0.0     #: probability that a training task takes all its classes from one group
+    unlabeled: int = 0          #: unlabelled examples per way in each task (semi-supervised; train and test)
+    distractors: int = 0        #: distractor classes per task seen only among the unlabelled examples
+    attributes: Optional[str] = None  #: CSV of class name -> semantic vector (zero-shot methods)
     val_ways: int = 5
     val_shots: int = 1
     val_queries: int = 15

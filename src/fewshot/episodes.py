@@ -3,7 +3,11 @@
 An :class:`Episode` holds a batch of ``B`` tasks:
 
 - ``support_x`` ``[B, N*K, C, H, W]`` and ``support_y`` ``[B, N*K]`` with labels ``0..N-1``,
-- ``query_x`` ``[B, N*Q, C, H, W]`` and ``query_y`` ``[B, N*Q]``.
+- ``query_x`` ``[B, N*Q, C, H, W]`` and ``query_y`` ``[B, N*Q]``,
+- ``extra``: further per-task tensors with a leading task axis, e.g. ``"unlabeled_x"``
+  ``[B, (N+D)*U, C, H, W]`` (semi-supervised episodes, with ``"unlabeled_y"``: the way of each unlabelled
+  example, -1 for a distractor; methods must not train on it) and ``"attributes"`` ``[B, N, A]`` (the semantic
+  vector of each way, when the data set has them).
 
 Examples are ordered class by class (label ``n`` occupies rows ``n*K .. n*K+K-1``); the classes behind the
 labels are a random draw per task, so label order carries no information. Sampling draws class choices
@@ -44,15 +48,21 @@ class Episode:
             if t is None:
                 return t
             return t.to(device=device, dtype=dtype if (is_x and dtype is not None) else None)
+        extra = {k: mv(v, k.endswith("_x")) if torch.is_tensor(v) else v for k, v in self.extra.items()}
         return replace(self, support_x=mv(self.support_x, True), query_x=mv(self.query_x, True),
-                       support_y=mv(self.support_y, False), query_y=mv(self.query_y, False))
+                       support_y=mv(self.support_y, False), query_y=mv(self.query_y, False), extra=extra)
 
     def task(self, i: int) -> "Episode":
         """Task ``i`` alone, keeping a task axis of size 1."""
-        sl = slice(i, i + 1)
+        return self.tasks(slice(i, i + 1))
+
+    def tasks(self, sl: slice) -> "Episode":
+        """The tasks in ``sl`` (a slice of the task axis), extras included."""
+        extra = {k: v[sl] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == self.batch else v
+                 for k, v in self.extra.items()}
         return replace(self, support_x=self.support_x[sl], support_y=self.support_y[sl],
                        query_x=self.query_x[sl], query_y=self.query_y[sl],
-                       classes=None if self.classes is None else self.classes[sl])
+                       classes=None if self.classes is None else self.classes[sl], extra=extra)
 
 
 class EpisodeSampler:
@@ -73,34 +83,44 @@ class EpisodeSampler:
             with rotations many times over); larger data is converted per episode.
         transform: optional callable applied to each episode's image tensors (augmentation), given
             ``(x, generator)`` with ``x`` of shape ``[B, M, C, H, W]``.
+        unlabeled: U, unlabelled examples per way added to each task as ``extra["unlabeled_x"]``
+            (semi-supervised episodes; drawn from the same classes, disjoint from support and query).
+        distractors: D, extra classes per task that appear only among the unlabelled examples (U each).
     """
 
     def __init__(self, dataset: ClassDataset, ways: int, shots: int, queries: int, batch: int = 1,
                  device="cpu", seed: int = 0, dtype=torch.float32, transform=None,
-                 same_group: float = 0.0, float_cache_bytes: int = 1 << 30):
+                 same_group: float = 0.0, float_cache_bytes: int = 1 << 30, unlabeled: int = 0,
+                 distractors: int = 0):
         for k, v in (("ways", ways), ("shots", shots), ("batch", batch)):
             if int(v) < 1:
                 raise FewshotError(f"{k} must be at least 1, got {v}")
-        if int(queries) < 0:
-            raise FewshotError(f"queries must be at least 0, got {queries}")
+        for k, v in (("queries", queries), ("unlabeled", unlabeled), ("distractors", distractors)):
+            if int(v) < 0:
+                raise FewshotError(f"{k} must be at least 0, got {v}")
+        if int(distractors) and not int(unlabeled):
+            raise FewshotError("distractor classes only appear among unlabelled examples: set unlabeled > 0")
+        self.unlabeled, self.distractors = int(unlabeled), int(distractors)
         self.dataset, self.ways, self.shots, self.queries, self.batch = dataset, int(ways), int(shots), \
             int(queries), int(batch)
         self.device = torch.device(device)
         self.dtype, self.transform = dtype, transform
         n_cls = len(dataset)
-        if self.ways > n_cls:
-            raise FewshotError(f"asked for {self.ways} ways but the data has only {n_cls} classes")
-        need = self.shots + self.queries
+        if self.ways + self.distractors > n_cls:
+            d = f" + {self.distractors} distractor classes" if self.distractors else ""
+            raise FewshotError(f"asked for {self.ways} ways{d} but the data has only {n_cls} classes")
+        need = self.shots + self.queries + self.unlabeled
         small = (dataset.counts < need).nonzero().flatten()
         if len(small):
             c = int(small[0])
+            u = f" + {self.unlabeled} unlabelled" if self.unlabeled else ""
             raise FewshotError(f"class {dataset.names[c]!r} has {int(dataset.counts[c])} images but "
-                               f"{self.shots} shots + {self.queries} queries = {need} are needed per class "
+                               f"{self.shots} shots + {self.queries} queries{u} = {need} are needed per class "
                                f"({len(small)} class(es) too small)")
         self.data = dataset.data.to(self.device)
         self.image_shape = tuple(dataset.data.shape[1:])
         n_bytes = self.data.numel() * (torch.finfo(dtype).bits // 8 if dtype is not None else 1)
-        self.prescaled = dtype is not None and n_bytes <= float_cache_bytes
+        self.prescaled = dtype is not None and (n_bytes <= float_cache_bytes or self.data.is_floating_point())
         if self.prescaled:
             self.data = to_float(self.data, dtype)
         self.flat = self.data.view(self.data.shape[0], -1)
@@ -120,6 +140,7 @@ class EpisodeSampler:
             if len(self.eligible) == 0:
                 raise FewshotError(f"no group has {self.ways} classes; largest has {int(sizes.max())}")
             self.class_group = gid.to(self.device)
+        self.attributes = dataset.attributes.to(self.device) if dataset.attributes is not None else None
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
@@ -132,8 +153,9 @@ class EpisodeSampler:
 
     # ---------------------------------------------------------------- sampling
     def _indices(self, B: int) -> tuple:
-        """Image indices ``[B, N, K+Q]`` into ``data`` and the class chosen for each way ``[B, N]``."""
-        N, M, g = self.ways, self.shots + self.queries, self.generator
+        """Image indices ``[B, N+D, K+Q+U]`` into ``data`` and the class chosen for each way ``[B, N+D]``
+        (the D distractor classes last)."""
+        N, M, g = self.ways + self.distractors, self.shots + self.queries + self.unlabeled, self.generator
         n_cls = len(self.counts)
         keys = torch.rand(B, n_cls, generator=g, device=self.device)
         if self.same_group > 0:
@@ -163,22 +185,37 @@ class EpisodeSampler:
     def sample(self, batch: Optional[int] = None) -> Episode:
         B = batch or self.batch
         N, K, Q = self.ways, self.shots, self.queries
+        U, D = self.unlabeled, self.distractors
         idx, cls = self._indices(B)
-        sx, qx = self._gather(idx[:, :, :K]), self._gather(idx[:, :, K:])
+        sx, qx = self._gather(idx[:, :N, :K]), self._gather(idx[:, :N, K:K + Q])
         if self.transform is not None:
             sx = self.transform(sx, self.generator)
             qx = self.transform(qx, self.generator)
         labels = torch.arange(N, device=self.device)
         sy = labels.repeat_interleave(K).expand(B, N * K)
         qy = labels.repeat_interleave(Q).expand(B, N * Q)
-        return Episode(sx, sy, qx, qy, N, K, Q, classes=cls)
+        extra = {}
+        if U:
+            # the ways' own unlabelled images, then U images of each distractor class
+            uidx = torch.cat([idx[:, :N, K + Q:], idx[:, N:, :U]], dim=1)
+            ux = self._gather(uidx)
+            if self.transform is not None:
+                ux = self.transform(ux, self.generator)
+            uy = torch.cat([labels, torch.full((D,), -1, device=self.device, dtype=labels.dtype)])
+            extra["unlabeled_x"] = ux
+            extra["unlabeled_y"] = uy.repeat_interleave(U).expand(B, (N + D) * U)
+        if self.attributes is not None:
+            extra["attributes"] = self.attributes[cls[:, :N]]
+        return Episode(sx, sy, qx, qy, N, K, Q, classes=cls[:, :N], extra=extra)
 
     def __iter__(self) -> Iterator[Episode]:
         while True:
             yield self.sample()
 
     def __repr__(self) -> str:
-        return (f"EpisodeSampler({self.ways}-way {self.shots}-shot {self.queries}-query, batch {self.batch}, "
+        u = f" {self.unlabeled}-unlabelled" if self.unlabeled else ""
+        u += f" +{self.distractors} distractors" if self.distractors else ""
+        return (f"EpisodeSampler({self.ways}-way {self.shots}-shot {self.queries}-query{u}, batch {self.batch}, "
                 f"{len(self.dataset)} classes, seed {self.seed}, device {self.device})")
 
 

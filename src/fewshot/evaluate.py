@@ -95,8 +95,12 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
             step = chunk or EVAL_BATCH
             for i in range(0, EVAL_BATCH, step):
                 sl = slice(i, i + step)
+                part = ep if step >= EVAL_BATCH else ep.tasks(sl)
                 with autocast(device, precision):
-                    logits = method.predict(ep.support_x[sl], ep.support_y[sl], ep.query_x[sl], ep.ways)
+                    if hasattr(method, "predict_episode"):
+                        logits = method.predict_episode(part)
+                    else:
+                        logits = method.predict(part.support_x, part.support_y, part.query_x, part.ways)
                 logits = logits.float()
                 qy = ep.query_y[sl]
                 if regression:

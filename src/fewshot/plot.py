@@ -132,6 +132,7 @@ def sine_adaptation(run, out: Path, shots: int = 10, tasks_shown: int = 3, seed:
 
 def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Path]:
     """Write the run's plots under ``RUN/plots``; returns the files written."""
+    from .methods.base import Method
     from .run import task_family, test_classes
     out_dir = Path(run.path) / "plots"
     written = []
@@ -145,5 +146,7 @@ def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Pat
     if family is not None:
         return written
     ds = test_classes(run, data)
-    written.append(tsne_embeddings(run, ds, out_dir / "tsne_test_classes.png", max_classes=max_classes))
+    if type(run.method).embed is not Method.embed:
+        written.append(tsne_embeddings(run, ds, out_dir / "tsne_test_classes.png", max_classes=max_classes))
+    written.extend(run.method.extra_plots(run, ds, out_dir))
     return written

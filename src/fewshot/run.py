@@ -56,6 +56,37 @@ def split_dataset(ds: ClassDataset, cfg: RunConfig) -> tuple:
     return train, val, test
 
 
+def read_attributes(path: str) -> dict:
+    """``{class name: [floats]}`` from a CSV with one row per class: the name, then the vector's entries
+    (a header row whose entries after the first are not numbers is skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FewshotError(f"no such attribute file: {path}")
+    table, width = {}, None
+    with open(p, newline="") as fh:
+        for i, row in enumerate(csv.reader(fh)):
+            if not row or not "".join(row).strip():
+                continue
+            try:
+                vec = [float(v) for v in row[1:]]
+            except ValueError:
+                if i == 0:
+                    continue
+                raise FewshotError(f"{path}, row {i + 1}: entries after the class name must be numbers") from None
+            if not vec or (width is not None and len(vec) != width):
+                raise FewshotError(f"{path}, row {i + 1}: expected {width or 'at least 1'} numbers, got {len(vec)}")
+            width = len(vec)
+            table[row[0].strip()] = vec
+    if not table:
+        raise FewshotError(f"{path} holds no class vectors")
+    return table
+
+
+def with_run_attributes(ds: ClassDataset, cfg: RunConfig) -> ClassDataset:
+    """``ds`` with the semantic class vectors of ``cfg.attributes`` attached (unchanged when there are none)."""
+    return ds.with_attributes(read_attributes(cfg.attributes)) if cfg.attributes else ds
+
+
 def _read_list(path: str) -> List[str]:
     p = Path(path)
     if not p.is_file():
@@ -106,6 +137,7 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
         return _fit_family(cfg, out, device, resume, progress, on_step)
     ds = dataset if dataset is not None else fsdata.load(cfg.data, size=cfg.size, channels=cfg.channels,
                                                          invert=cfg.invert)
+    ds = with_run_attributes(ds, cfg)
     train_ds, val_ds, test_ds = split_dataset(ds, cfg)
     if cfg.rotations:
         train_ds = train_ds.with_rotations()
@@ -113,11 +145,13 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
     torch.manual_seed(cfg.seed)
     method = methods.build(cfg.method, ds.image_shape, **cfg.options)
     sampler = EpisodeSampler(train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
-                             seed=cfg.seed, transform=build_transform(cfg.augment), same_group=cfg.same_group)
+                             seed=cfg.seed, transform=build_transform(cfg.augment), same_group=cfg.same_group,
+                             unlabeled=cfg.unlabeled, distractors=cfg.distractors)
     val_sampler = None
     if val_ds is not None and cfg.train.val_every:
-        val_sampler = EpisodeSampler(val_ds, min(cfg.val_ways, len(val_ds)), cfg.val_shots, cfg.val_queries,
-                                     device=device, seed=1)
+        val_ways = min(cfg.val_ways, len(val_ds) - cfg.distractors)
+        val_sampler = EpisodeSampler(val_ds, val_ways, cfg.val_shots, cfg.val_queries, device=device, seed=1,
+                                     unlabeled=cfg.unlabeled, distractors=cfg.distractors)
     out.mkdir(parents=True, exist_ok=True)
     cfg.save(out / "config.yaml")
     for name, part in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
@@ -208,10 +242,10 @@ def task_family(run: Run, data: Optional[str] = None) -> Optional[str]:
 
 def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
     """The held-out classes to evaluate on: all classes of ``data`` if given, else the run's test split."""
-    if data is not None:
-        return fsdata.load_like(data, run.preprocess)
     cfg = run.config
-    ds = fsdata.load_like(cfg.data, run.preprocess)
+    if data is not None:
+        return with_run_attributes(fsdata.load_like(data, run.preprocess), cfg)
+    ds = with_run_attributes(fsdata.load_like(cfg.data, run.preprocess), cfg)
     listed = run.path / "classes_test.txt"
     if listed.is_file():
         return ds.split_by_names(_read_list(str(listed)))[0]
@@ -219,9 +253,11 @@ def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
 
 
 def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int = 1, queries: int = 15,
-                 episodes: int = 1000, seed: int = 0, progress: bool = True, save: bool = True) -> EvalResult:
+                 episodes: int = 1000, seed: int = 0, progress: bool = True, save: bool = True,
+                 unlabeled: Optional[int] = None, distractors: Optional[int] = None) -> EvalResult:
     """Evaluate a run on held-out classes (or held-out tasks of a task family); writes
-    ``eval/<N>w<K>s….json`` and the per-episode CSV."""
+    ``eval/<N>w<K>s….json`` and the per-episode CSV. ``unlabeled``/``distractors`` (semi-supervised
+    episodes) default to the run's training settings."""
     family = task_family(run, data)
     if family is not None:
         sampler = tasks.make(family, shots, queries, device=run.device, seed=FAMILY_SEEDS["test"] + seed,
@@ -230,8 +266,12 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
         tag = f"{family}-{shots}s{queries}q-seed{seed}"
     else:
         ds = test_classes(run, data)
-        sampler = EpisodeSampler(ds, ways, shots, queries, device=run.device, seed=seed)
-        tag = f"{ways}w{shots}s{queries}q-seed{seed}" + ("" if data is None else "-" + Path(data).name)
+        u = run.config.unlabeled if unlabeled is None else int(unlabeled)
+        d = run.config.distractors if distractors is None else int(distractors)
+        sampler = EpisodeSampler(ds, ways, shots, queries, device=run.device, seed=seed, unlabeled=u,
+                                 distractors=d)
+        tag = (f"{ways}w{shots}s{queries}q" + (f"{u}u" if u else "") + (f"{d}d" if d else "") + f"-seed{seed}"
+               + ("" if data is None else "-" + Path(data).name))
     csv_path = run.path / "eval" / f"{tag}.csv" if save else None
     res = evaluate(run.method, sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
                    desc=f"eval {ways}w{shots}s")

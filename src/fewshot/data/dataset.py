@@ -1,4 +1,5 @@
-"""ClassDataset: labelled images grouped by class, held in memory as one uint8 tensor.
+"""ClassDataset: labelled examples grouped by class, held in memory as one tensor (uint8 images, or float32
+features such as MFCCs).
 
 Every loader returns one. Episodes are drawn from it by tensor indexing (see :mod:`fewshot.episodes`),
 so the layout is a single contiguous ``data`` tensor ``[total, C, H, W]`` with the images of class ``c``
@@ -25,19 +26,23 @@ class ClassDataset:
     """Images grouped by class.
 
     Args:
-        data: uint8 tensor ``[total, C, H, W]``, classes stored one after the other.
+        data: uint8 tensor ``[total, C, H, W]`` (images, scaled to [0, 1] in episodes) or float32 (features
+            used as they are, e.g. MFCC maps ``[total, 1, n_mfcc, frames]``), classes one after the other.
         counts: number of images of each class (sums to ``total``).
         names: one name per class (unique).
         groups: optional group per class (the alphabet for Omniglot, the script for glyphs).
         preprocess: how raw files were turned into these tensors (recorded in runs).
         source: free-form description of where the data came from.
+        attributes: optional float tensor ``[classes, A]``: a semantic vector per class (attributes, word
+            vectors) for zero-shot methods; episodes carry the vectors of their ways.
     """
 
     def __init__(self, data: torch.Tensor, counts: Sequence[int] | torch.Tensor, names: Sequence[str],
-                 groups: Sequence[str] | None = None, preprocess: Preprocess | None = None, source: str = ""):
+                 groups: Sequence[str] | None = None, preprocess: Preprocess | None = None, source: str = "",
+                 attributes: torch.Tensor | None = None):
         counts = torch.as_tensor(counts, dtype=torch.long).reshape(-1)
-        if data.dtype != torch.uint8 or data.dim() != 4:
-            raise ValueError(f"data must be uint8 [total, C, H, W], got {data.dtype} {tuple(data.shape)}")
+        if data.dtype not in (torch.uint8, torch.float32) or data.dim() != 4:
+            raise ValueError(f"data must be uint8 or float32 [total, C, H, W], got {data.dtype} {tuple(data.shape)}")
         if int(counts.sum()) != data.shape[0]:
             raise ValueError(f"class counts sum to {int(counts.sum())} but data holds {data.shape[0]} images")
         if len(names) != len(counts):
@@ -57,18 +62,32 @@ class ClassDataset:
         self.groups = list(groups) if groups is not None else None
         self.preprocess = preprocess or Preprocess(size=tuple(data.shape[2:]), channels=data.shape[1])
         self.source = source
+        if attributes is not None:
+            attributes = torch.as_tensor(attributes, dtype=torch.float32)
+            if attributes.dim() != 2 or attributes.shape[0] != len(self.names):
+                raise ValueError(f"attributes must be [classes={len(self.names)}, A], got {tuple(attributes.shape)}")
+        self.attributes = attributes
+
+    def with_attributes(self, table: dict) -> "ClassDataset":
+        """The same data with a semantic vector per class from ``{class name: vector}``; every class needs one."""
+        missing = [n for n in self.names if n.split("@rot")[0] not in table]
+        if missing:
+            raise FewshotError(f"class {missing[0]!r} has no semantic vector ({len(missing)} of {len(self)} "
+                               "classes missing)")
+        vecs = torch.stack([torch.as_tensor(table[n.split("@rot")[0]], dtype=torch.float32) for n in self.names])
+        return ClassDataset(self.data, self.counts, self.names, self.groups, self.preprocess, self.source, vecs)
 
     # ---------------------------------------------------------------- construction
     @classmethod
     def from_class_tensors(cls, images: Sequence[torch.Tensor], names: Sequence[str],
                            groups: Sequence[str] | None = None, preprocess: Preprocess | None = None,
-                           source: str = "") -> "ClassDataset":
-        """Build from one uint8 tensor ``[n_i, C, H, W]`` per class."""
+                           source: str = "", attributes: torch.Tensor | None = None) -> "ClassDataset":
+        """Build from one tensor ``[n_i, C, H, W]`` per class (uint8 images or float32 features)."""
         for n, im in zip(names, images):
             if im.shape[0] == 0:
                 raise FewshotError(f"class {n!r} has no images")
         data = torch.cat(list(images)) if len(images) else torch.zeros(0, 1, 1, 1, dtype=torch.uint8)
-        return cls(data, [im.shape[0] for im in images], names, groups, preprocess, source)
+        return cls(data, [im.shape[0] for im in images], names, groups, preprocess, source, attributes)
 
     # ---------------------------------------------------------------- basic access
     def __len__(self) -> int:
@@ -83,7 +102,7 @@ class ClassDataset:
         return tuple(self.data.shape[1:])
 
     def images(self, c: int) -> torch.Tensor:
-        """uint8 images of class index ``c``."""
+        """Images (or feature maps) of class index ``c``."""
         o = int(self.offsets[c])
         return self.data[o:o + int(self.counts[c])]
 
@@ -109,8 +128,9 @@ class ClassDataset:
             raise FewshotError("a split left no classes")
         parts = [self.images(c) for c in classes]
         groups = [self.groups[c] for c in classes] if self.groups is not None else None
+        attrs = self.attributes[classes] if self.attributes is not None else None
         return ClassDataset.from_class_tensors(parts, [self.names[c] for c in classes], groups,
-                                               self.preprocess, self.source)
+                                               self.preprocess, self.source, attrs)
 
     def split_by_group(self, test: Sequence[str], val: Sequence[str] = ()) -> tuple:
         """Split by group names (e.g. alphabets): returns (train, test) or (train, val, test)."""
@@ -176,7 +196,8 @@ class ClassDataset:
             if groups is not None:
                 groups += list(self.groups)
         counts = torch.cat([self.counts] * (1 + len(angles)))
-        return ClassDataset(torch.cat(data), counts, names, groups, self.preprocess, self.source)
+        attrs = torch.cat([self.attributes] * (1 + len(angles))) if self.attributes is not None else None
+        return ClassDataset(torch.cat(data), counts, names, groups, self.preprocess, self.source, attrs)
 
     def relabel(self, labels: torch.Tensor, names: Sequence[str] | None = None) -> "ClassDataset":
         """Regroup every image by a new label array (e.g. cluster ids for unsupervised task construction)."""
@@ -196,7 +217,8 @@ class ClassDataset:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + f".tmp{os.getpid()}")
         torch.save({"version": CACHE_VERSION, "data": self.data, "counts": self.counts, "names": self.names,
-                    "groups": self.groups, "preprocess": self.preprocess.to_dict(), "source": self.source}, tmp)
+                    "groups": self.groups, "preprocess": self.preprocess.to_dict(), "source": self.source,
+                    "attributes": self.attributes}, tmp)
         os.replace(tmp, path)
 
     @classmethod
@@ -205,7 +227,7 @@ class ClassDataset:
         if d.get("version") != CACHE_VERSION:
             raise ValueError("stale cache version")
         return cls(d["data"], d["counts"], d["names"], d["groups"], Preprocess.from_dict(d["preprocess"]),
-                   d["source"])
+                   d["source"], d.get("attributes"))
 
 
 # -------------------------------------------------------------------- caching

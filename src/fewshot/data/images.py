@@ -95,5 +95,7 @@ def is_image_file(name: str) -> bool:
 
 
 def to_float(x: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    """uint8 images -> floats in [0, 1]."""
+    """uint8 images -> floats in [0, 1]; float data (features such as MFCCs) is only cast to ``dtype``."""
+    if x.is_floating_point():
+        return x.to(dtype)
     return x.to(dtype).div_(255.0)

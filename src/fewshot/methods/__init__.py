@@ -53,4 +53,5 @@ def describe(name: str) -> str:
     return doc[0] if doc else ""
 
 
-from . import gbml, protonet  # noqa: E402,F401  (registers methods)
+from . import (gaussian, gbml, hallucinate, matching, protonet, relation, semisup, siamese,  # noqa: E402,F401
+               taskcond)  # (registers methods)

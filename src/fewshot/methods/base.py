@@ -44,6 +44,15 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         """Logits ``[B, M, ways]`` for queries ``[B, M, ...]`` given a labelled support ``[B, S, ...]``."""
 
     # ---- optional
+    def predict_episode(self, episode: Episode) -> torch.Tensor:
+        """Logits for the queries of an :class:`Episode` (what evaluation calls). Methods that use more
+        of the episode than the labelled support (unlabelled examples, class attributes) override it."""
+        return self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+
+    def extra_plots(self, run, dataset, out_dir) -> list:
+        """Method-specific figures for ``fewshot plot`` (paths written); none by default."""
+        return []
+
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features of images ``[M, C, H, W]`` (for plots); methods without an embedding may skip it."""
         raise FewshotError(f"method {self.name} has no embedding to plot")
