@@ -38,7 +38,9 @@ ROWS = {
     "relation": ("relation", "relation", {}, {"ways": 20, "shots": 1, "queries": 10}),
     "siamese": ("Siamese (contrastive, classic)", "siamese", {}, {"ways": 20, "shots": 5, "queries": 5}),
     "siamese-reptile": ("Siamese (triplet, Reptile over domains)", "siamese",
-                        {"train": "reptile", "loss": "triplet"}, {"ways": 20, "shots": 5, "queries": 5}),
+                        {"train": "reptile", "loss": "triplet", "inner_steps": 5, "inner_lr": 0.05},
+                        {"ways": 20, "shots": 5, "queries": 5, "train.optimizer": "sgd", "train.lr": 1.0,
+                         "train.schedule": "none"}),
     "gaussian": ("Gaussian prototypical (radius)", "gaussian", {}, {}),
     "semisup": ("semi-supervised (5 unlabelled, 0 distractors)", "semisup", {},
                 {"ways": 20, "shots": 5, "queries": 5, "unlabeled": 5, "distractors": 0}),
@@ -61,7 +63,10 @@ def run_row(key: str, minutes: float, data: str, out_root: Path, episodes: int, 
     cfg = fs.RunConfig.load(ROOT / "recipes" / "protonet_omniglot_small.yaml")
     cfg.method, cfg.options, cfg.data = method, copy.deepcopy(options), data
     for k, v in overrides.items():
-        setattr(cfg, k, v)
+        if k.startswith("train."):
+            setattr(cfg.train, k[len("train."):], v)
+        else:
+            setattr(cfg, k, v)
     cfg.train.time_limit_s = minutes * 60
     cfg.train.episodes = 10 ** 7
     cfg.train.ckpt_every = 10 ** 7

@@ -52,7 +52,7 @@ def test_predict_with_a_gradient_method(capsys, tmp_path: Path, image_root: Path
     assert rc == 0, err
     sup = tmp_path / "support"
     sup.mkdir()
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir())[:3]
+    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith("."))[:3]
     for c in classes:
         (sup / c.name).mkdir()
         (sup / c.name / "a.png").write_bytes(sorted(c.iterdir())[0].read_bytes())

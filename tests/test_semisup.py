@@ -203,7 +203,7 @@ def test_semisup_trains_evaluates_predicts_and_plots(capsys, tmp_path: Path, ima
                          "--distractors", "0", "--episodes", "10", "--no-progress")
     assert rc == 0 and "2-way 1-shot" in o, err
     sup = tmp_path / "support"
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir())[:3]
+    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith("."))[:3]
     for c in classes:
         (sup / c.name).mkdir(parents=True)
         (sup / c.name / "a.png").write_bytes(sorted(c.iterdir())[0].read_bytes())
