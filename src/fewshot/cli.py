@@ -205,7 +205,7 @@ def cmd_train(a) -> int:
 
 
 def cmd_eval(a) -> int:
-    from .run import evaluate_run, lake_eval, load_run
+    from .run import evaluate_run, lake_eval, load_run, pair_metrics
     run = load_run(a.run, a.checkpoint, device=a.device)
     if a.lake_runs:
         res = lake_eval(run, a.lake_runs)
@@ -217,6 +217,14 @@ def cmd_eval(a) -> int:
     res = evaluate_run(run, a.data, a.ways, a.shots, a.queries, a.episodes, a.seed, progress=not a.no_progress,
                        unlabeled=a.unlabeled, distractors=a.distractors)
     print(res)
+    pm = pair_metrics(run, a.data, a.pairs, a.seed) if a.pairs else None
+    if pm is not None:      # methods that score pairs (siamese): verification metrics too
+        print(f"binary accuracy: {pm['binary_acc']:.2f} ± {pm['binary_ci95']:.2f} % ({pm['pairs']} balanced "
+              f"pairs, threshold {pm['threshold']:.4g} calibrated on training pairs)")
+        print(f"triplet accuracy: {pm['triplet_acc']:.2f} ± {pm['triplet_ci95']:.2f} % ({pm['triplets']} "
+              "triplets, d(a,p) < d(a,n))")
+        if a.shots == 1:
+            print(f"one-shot accuracy: {res.short()} ({a.ways}-way, nearest support image)")
     return 0
 
 
@@ -281,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unlabelled examples per way (semi-supervised; default: as trained)")
     e.add_argument("--distractors", type=int, default=None,
                    help="distractor classes among the unlabelled examples (default: as trained)")
+    e.add_argument("--pairs", type=int, default=1000,
+                   help="balanced pairs (and triplets) for the binary/triplet accuracy of pair methods "
+                        "such as siamese (0: skip)")
     e.add_argument("--lake-runs", help="Lake et al.'s all_runs.zip (or its folder): report error rates")
     _common(e)
     e.set_defaults(func=cmd_eval)

@@ -35,6 +35,9 @@ def split_dataset(ds: ClassDataset, cfg: RunConfig) -> tuple:
     val = None
     if sp["kind"] == "fraction":
         train, test = ds.split_fraction(test=sp["test"], seed=cfg.split_seed)
+    elif sp["kind"] == "named":
+        from .data.cifar import named_split
+        train, val, test = named_split(ds, sp["name"])
     elif sp["kind"] == "group":
         if sp["val"]:
             train, val, test = ds.split_by_group(sp["test"], sp["val"])
@@ -142,6 +145,7 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
     if cfg.rotations:
         train_ds = train_ds.with_rotations()
     _fill_outputs(cfg, cfg.ways)
+    _fill_attr_dim(cfg, ds)
     torch.manual_seed(cfg.seed)
     method = methods.build(cfg.method, ds.image_shape, **cfg.options)
     sampler = EpisodeSampler(train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
@@ -160,9 +164,24 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
     meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
     result = train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
                    progress=progress, on_step=on_step)
+    _post_train(cfg.method, out, train_ds, device, cfg.seed)
     run = load_run(out, "best", device=device)
     run.train_result = result
     return run
+
+
+def _post_train(method: str, out: Path, train_ds: ClassDataset, device, seed: int) -> None:
+    """Methods with a ``post_train(train_dataset, seed=...)`` hook (the Siamese network calibrates its
+    same/different threshold on training pairs) run it on each saved checkpoint, which is re-saved with the
+    updated weights/buffers and the hook's report under ``"post_train"``."""
+    if not callable(getattr(methods.get(method), "post_train", None)):
+        return
+    for which in ("best", "last"):
+        r = load_run(out, which, device=device)
+        info = r.method.post_train(train_ds, seed=seed)
+        r.checkpoint["model"] = r.method.state_dict()
+        r.checkpoint["post_train"] = info
+        checkpoint.save(r.checkpoint, out / "checkpoints" / f"{which}.pt")
 
 
 def _fill_outputs(cfg: RunConfig, outputs: int) -> None:
@@ -171,6 +190,19 @@ def _fill_outputs(cfg: RunConfig, outputs: int) -> None:
     names = {f.name for f in fields(methods.get(cfg.method).Config)}
     if "outputs" in names and not cfg.options.get("outputs"):
         cfg.options["outputs"] = int(outputs)
+
+
+def _fill_attr_dim(cfg: RunConfig, ds: ClassDataset) -> None:
+    """Methods with an ``attr_dim`` option (zero-shot) get the length of the data's semantic class vectors."""
+    from dataclasses import fields
+    names = {f.name for f in fields(methods.get(cfg.method).Config)}
+    if "attr_dim" not in names:
+        return
+    if ds.attributes is None:
+        if cfg.options.get("zero_shot"):
+            raise FewshotError("zero-shot relation network needs --attributes CLASS_VECTORS.csv")
+    elif not cfg.options.get("attr_dim"):
+        cfg.options["attr_dim"] = int(ds.attributes.shape[1])
 
 
 #: training, validation and test tasks of a family come from differently seeded generators
@@ -278,6 +310,24 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
     if save:
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
             {**res.summary(), "data": data or run.config.data, "classes": len(ds) if ds is not None else None,
+             "checkpoint_step": run.checkpoint.get("step")}, indent=1))
+    return res
+
+
+def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: int = 0,
+                 save: bool = True) -> Optional[dict]:
+    """Verification metrics on held-out classes for methods that score pairs (``pair_metrics``, e.g. the
+    Siamese network): binary same/different accuracy at the calibrated threshold and triplet accuracy, with
+    95% CIs; writes ``eval/pairs-<P>-seed<S>.json``. ``None`` for other methods or task families."""
+    if not hasattr(run.method, "pair_metrics") or task_family(run, data) is not None:
+        return None
+    ds = test_classes(run, data)
+    res = run.method.pair_metrics(ds, pairs=pairs, seed=seed)
+    if save:
+        (run.path / "eval").mkdir(parents=True, exist_ok=True)
+        tag = f"pairs-{pairs}-seed{seed}" + ("" if data is None else "-" + Path(data).name)
+        (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
+            {**res, "data": data or run.config.data, "classes": len(ds),
              "checkpoint_step": run.checkpoint.get("step")}, indent=1))
     return res
 
