@@ -24,7 +24,8 @@ class RunConfig:
     channels: Optional[int] = None   #: image folders: 1 (grey) or 3 (RGB)
     invert: Optional[bool] = None    #: image folders: invert intensities
     #: class split: "fraction:0.2" (seeded 80-20), "group:Korean,Tagalog" (test groups; "+val:A,B" adds
-    #: validation groups), "files:train.txt,test.txt[,val.txt]" (class-name lists)
+    #: validation groups), "files:train.txt,test.txt[,val.txt]" (class-name lists), "cifar-fs" / "fc100"
+    #: (the published CIFAR-100 train/val/test splits)
     split: str = "fraction:0.2"
     val_fraction: float = 0.1   #: share of training classes held out for validation (when split has no val)
     split_seed: int = 0
@@ -89,7 +90,8 @@ class RunConfig:
 
 
 def parse_split(spec: str) -> dict:
-    """"fraction:0.2" | "group:A,B[+val:C]" | "files:train.txt,test.txt[,val.txt]" -> a dict."""
+    """"fraction:0.2" | "group:A,B[+val:C]" | "files:train.txt,test.txt[,val.txt]" | "cifar-fs" | "fc100"
+    -> a dict."""
     kind, _, rest = spec.partition(":")
     if kind == "fraction":
         try:
@@ -104,9 +106,12 @@ def parse_split(spec: str) -> dict:
         if not t:
             raise FewshotError(f"bad split {spec!r}: group:TEST1,TEST2[+val:VAL1]")
         return {"kind": "group", "test": t, "val": [g for g in val.split(",") if g]}
+    if kind in ("cifar-fs", "fc100") and not rest:   # published CIFAR-100 splits (train, val, test)
+        return {"kind": "named", "name": kind}
     if kind == "files":
         parts = [p for p in rest.split(",") if p]
         if len(parts) not in (2, 3):
             raise FewshotError(f"bad split {spec!r}: files:train.txt,test.txt[,val.txt]")
         return {"kind": "files", "train": parts[0], "test": parts[1], "val": parts[2] if len(parts) > 2 else None}
-    raise FewshotError(f"unknown split {spec!r}; use fraction:F, 90-10/80-20/50-50, group:A,B or files:...")
+    raise FewshotError(f"unknown split {spec!r}; use fraction:F, 90-10/80-20/50-50, group:A,B, files:..., "
+                       "cifar-fs or fc100")

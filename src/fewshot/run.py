@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -339,18 +338,16 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
 
     Returns [(query path, predicted class, probability)] and writes them as CSV when ``out_csv`` is given.
     """
-    from .data.folder import image_folder, list_images, load_files
     if tasks.is_family(run.config.data):
         raise FewshotError(f"predict labels image files; this run was trained on the {run.config.data!r} task "
                            "family (use method.predict in Python for its tasks)")
-    sup = image_folder(support, size=run.preprocess.size, channels=run.preprocess.channels,
-                       invert=run.preprocess.invert, cache=False)
+    sup = fsdata.load_support(support, run.preprocess)
     files: List[Path] = []
     for q in query:
-        files.extend(list_images(q))
+        files.extend(fsdata.list_queries(q, run.preprocess))
     if not files:
         raise FewshotError("no query images given")
-    qx = load_files(files, run.preprocess)
+    qx = fsdata.load_queries(files, run.preprocess)
     sx = to_float(sup.data).unsqueeze(0).to(run.device)
     sy = sup.labels().unsqueeze(0).to(run.device)
     qxf = to_float(qx).unsqueeze(0).to(run.device)

@@ -1,8 +1,10 @@
-"""Data: :class:`ClassDataset` and its loaders (Omniglot, image folders, glyphs, Lake's one-shot runs).
+"""Data: :class:`ClassDataset` and its loaders (Omniglot, CIFAR-100, image folders, audio clips, glyphs,
+Lake's one-shot runs).
 
 ``load(spec, ...)`` resolves what a user passes as ``--data``: the name of a built-in set ("glyphs"),
-"omniglot" (found through ``$FEWSHOT_DATA``), or a path (Omniglot zips or folders, or an image folder
-with one subfolder per class).
+"omniglot" or "cifar100" (found through ``$FEWSHOT_DATA``), or a path (Omniglot zips or folders, the
+CIFAR-100 python archive or folder, an image folder with one subfolder per class, or a folder of audio
+clips with one subfolder per class).
 """
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import FewshotError
+from .audio import AudioFeatures, audio_folder, is_audio_folder, list_clips, load_clips
+from .cifar import cifar100, is_cifar100
+from .cifar import default_root as cifar_root
 from .dataset import ClassDataset, cached
 from .folder import image_folder, list_images, load_files
 from .glyphs import glyphs
@@ -19,9 +24,10 @@ from .lake import LakeRun, load_lake_runs
 from .omniglot import FILES as OMNIGLOT_FILES, default_root, download_file, omniglot
 
 __all__ = ["ClassDataset", "Preprocess", "cached", "glyphs", "image_folder", "list_images", "load",
-           "load_files", "load_image", "load_lake_runs", "LakeRun", "omniglot", "download_file", "kind_of"]
+           "load_files", "load_image", "load_lake_runs", "LakeRun", "omniglot", "download_file", "kind_of",
+           "cifar100", "audio_folder", "AudioFeatures", "load_support", "list_queries", "load_queries"]
 
-BUILTIN = ("glyphs", "omniglot")
+BUILTIN = ("glyphs", "omniglot", "cifar100")
 
 
 def _is_omniglot_dir(p: Path) -> bool:
@@ -34,7 +40,7 @@ def _is_omniglot_dir(p: Path) -> bool:
 
 
 def kind_of(spec: str) -> str:
-    """"glyphs", "omniglot" or "folder" for a ``--data`` value."""
+    """"glyphs", "omniglot", "cifar100", "audio" or "folder" for a ``--data`` value."""
     if spec in BUILTIN:
         return spec
     p = Path(spec)
@@ -43,8 +49,15 @@ def kind_of(spec: str) -> str:
     if p.is_file():
         if p.suffix == ".zip":
             return "omniglot"
-        raise FewshotError(f"{spec} is a file; --data takes a folder, an Omniglot zip or a built-in name")
-    return "omniglot" if _is_omniglot_dir(p) else "folder"
+        if is_cifar100(p):
+            return "cifar100"
+        raise FewshotError(f"{spec} is a file; --data takes a folder, an Omniglot zip, the CIFAR-100 archive "
+                           "or a built-in name")
+    if _is_omniglot_dir(p):
+        return "omniglot"
+    if is_cifar100(p):
+        return "cifar100"
+    return "audio" if is_audio_folder(p) else "folder"
 
 
 def load(spec: str, size=28, channels: Optional[int] = None, invert: Optional[bool] = None,
@@ -60,13 +73,23 @@ def load(spec: str, size=28, channels: Optional[int] = None, invert: Optional[bo
     if kind == "omniglot":
         root = default_root() if spec == "omniglot" else Path(spec)
         return omniglot(root, size=size, cache=cache)
+    if kind == "cifar100":
+        return cifar100(cifar_root() if spec == "cifar100" else Path(spec), size=size, cache=cache)
+    if kind == "audio":
+        return audio_folder(spec, cache=cache)
     return image_folder(spec, size=size, channels=channels or 1, invert=bool(invert), cache=cache)
 
 
 def load_like(spec: str, preprocess: Preprocess, cache=None) -> ClassDataset:
-    """Load ``spec`` with the preprocessing a run was trained with (size, channels, inversion)."""
+    """Load ``spec`` with the preprocessing a run was trained with (size, channels, inversion; MFCC
+    settings for audio)."""
     kind = kind_of(spec)
-    if kind in ("glyphs", "omniglot"):
+    if preprocess.audio is not None or kind == "audio":
+        if preprocess.audio is None or kind != "audio":
+            raise FewshotError(f"{spec} is {'a folder of audio clips' if kind == 'audio' else 'not audio'} but "
+                               f"the run was trained on {'images' if preprocess.audio is None else 'audio clips'}")
+        return audio_folder(spec, features=preprocess.audio, cache=cache)
+    if kind in ("glyphs", "omniglot", "cifar100"):
         ds = load(spec, size=preprocess.size, cache=cache)
         if ds.preprocess.channels != preprocess.channels:
             raise FewshotError(f"{spec} has {ds.preprocess.channels} channel(s) but the run was trained on "
@@ -74,6 +97,26 @@ def load_like(spec: str, preprocess: Preprocess, cache=None) -> ClassDataset:
         return ds
     return image_folder(spec, size=preprocess.size, channels=preprocess.channels, invert=preprocess.invert,
                         cache=cache)
+
+
+def load_support(path: str, preprocess: Preprocess) -> ClassDataset:
+    """A support folder (one subfolder of a few examples per class) processed like a run's training data."""
+    if preprocess.audio is not None:
+        return audio_folder(path, features=preprocess.audio, cache=False)
+    return image_folder(path, size=preprocess.size, channels=preprocess.channels, invert=preprocess.invert,
+                        cache=False)
+
+
+def list_queries(path: str, preprocess: Preprocess) -> list:
+    """The query files for ``path`` (a file, or the clips/images directly in a folder)."""
+    return list_clips(path) if preprocess.audio is not None else list_images(path)
+
+
+def load_queries(paths, preprocess: Preprocess):
+    """Query files -> one tensor processed like a run's training data (uint8 images or float32 MFCC maps)."""
+    if preprocess.audio is not None:
+        return load_clips(paths, AudioFeatures.from_dict(preprocess.audio))
+    return load_files(paths, preprocess)
 
 
 def data_root_env() -> Optional[str]:

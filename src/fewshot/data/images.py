@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import io
 import os
-from dataclasses import asdict, dataclass
-from typing import Union
+from dataclasses import asdict, dataclass, field
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -26,21 +26,26 @@ class Preprocess:
 
     size: (height, width) after resizing. channels: 1 (grey) or 3 (RGB). invert: store ``255 - value``
     (Omniglot and glyphs: black strokes on white become strokes = 1 after scaling to [0, 1]).
+    audio: for audio clips, the MFCC settings (:class:`fewshot.data.audio.AudioFeatures` as a dict); then
+    size is (n_mfcc, frames) of the float32 feature maps. None for images (and omitted from ``to_dict``).
     """
 
     size: tuple = (28, 28)
     channels: int = 1
     invert: bool = False
+    audio: Optional[dict] = field(default=None, hash=False, compare=True)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["size"] = list(self.size)
+        if self.audio is None:
+            del d["audio"]
         return d
 
     @staticmethod
     def from_dict(d: dict) -> "Preprocess":
         return Preprocess(size=tuple(int(s) for s in d["size"]), channels=int(d["channels"]),
-                          invert=bool(d["invert"]))
+                          invert=bool(d["invert"]), audio=dict(d["audio"]) if d.get("audio") else None)
 
 
 def as_size(size) -> tuple:

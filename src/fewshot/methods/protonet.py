@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FewshotError
-from ..models import Conv4, MLP
+from ..models import MLP, Conv1d, Conv4
 from . import register
 from .base import Method, accuracy, infer_ways
 
@@ -58,7 +58,11 @@ def make_backbone(kind: str, in_shape, hidden: int, mlp_hidden, embedding: int) 
         return Conv4(in_shape[0], hidden)
     if kind == "mlp":
         return MLP(int(torch.Size(in_shape).numel()), tuple(mlp_hidden), embedding)
-    raise FewshotError(f"unknown backbone {kind!r}; choose conv4, mlp or auto")
+    if kind == "conv1d":  # feature maps [1, F, T] (MFCCs): the F rows are channels, convolutions over time
+        if len(in_shape) != 3 or in_shape[0] != 1:
+            raise FewshotError(f"conv1d needs feature maps (1, F, T) such as MFCCs, got shape {tuple(in_shape)}")
+        return Conv1d(in_shape[1], hidden)
+    raise FewshotError(f"unknown backbone {kind!r}; choose conv4, conv1d, mlp or auto")
 
 
 @register("protonet")

@@ -1,4 +1,4 @@
-"""Backbones: Conv-4 for images, an MLP for vectors."""
+"""Backbones: Conv-4 for images, an MLP for vectors, 1-D convolutions over time for audio features."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -65,6 +65,35 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.flatten(1))
+
+
+class Conv1d(nn.Module):
+    """1-D convolutions over time for feature maps ``[B, 1, F, T]`` (e.g. MFCCs: F coefficients, T frames).
+
+    The F rows are the input channels: ``layers`` x [conv k=3 (padding 1) over time, batch norm, ReLU,
+    max-pool 2 (ceil mode, so short inputs keep one step)], then the mean over the remaining time steps,
+    giving ``out_channels`` (default ``hidden``) features whatever T is. Also accepts ``[B, F, T]``.
+    """
+
+    def __init__(self, in_channels: int, hidden: int = 64, out_channels: int | None = None, layers: int = 4,
+                 batch_norm: bool = True):
+        super().__init__()
+        out_channels = out_channels or hidden
+        chans = [in_channels] + [hidden] * (layers - 1) + [out_channels]
+        blocks = []
+        for i, o in zip(chans[:-1], chans[1:]):
+            blocks += [nn.Conv1d(i, o, 3, padding=1), nn.BatchNorm1d(o) if batch_norm else nn.Identity(),
+                       nn.ReLU(inplace=True), nn.MaxPool1d(2, ceil_mode=True)]
+        self.features = nn.Sequential(*blocks)
+        self.in_channels = in_channels
+        self.channels_last = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4:
+            if x.shape[1] != 1:
+                raise ValueError(f"Conv1d takes [B, 1, F, T] or [B, F, T], got {tuple(x.shape)}")
+            x = x[:, 0]
+        return self.features(x.contiguous()).mean(-1)
 
 
 def conv4(in_channels: int = 1, hidden: int = 64, **kw) -> Conv4:
