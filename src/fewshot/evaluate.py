@@ -1,6 +1,9 @@
 """The one evaluation protocol: fixed-seed test episodes, mean accuracy +- 1.96 sigma / sqrt(n).
 
-Regression task families (``sampler.regression``, e.g. sine) report the mean squared error per task instead.
+Regression task families (``sampler.regression``, e.g. sine) report the mean squared error per task instead;
+a family with its own metric (``sampler.metric``, e.g. the copy task's ``"bits"``: bits wrong per sequence,
+lower is better) scores each task with ``sampler.score(prediction, episode)`` (and its loss column with
+``sampler.task_loss`` when it has one).
 
 Episodes are drawn in batches of :data:`EVAL_BATCH` tasks from a sampler reset to its seed, so every
 method is scored on exactly the same episodes whatever its memory needs (``chunk`` only splits the
@@ -39,7 +42,8 @@ class EvalResult:
     mode: str = "inductive"
     loss: float = float("nan")
     accuracies: List[float] = field(default_factory=list, repr=False)
-    metric: str = "accuracy"   #: accuracy (percent, higher is better) or mse (lower is better)
+    metric: str = "accuracy"   #: accuracy (percent, higher is better), mse or a family's metric (lower is better)
+    metric_label: str = ""     #: how a family's own metric reads, e.g. "bits wrong per sequence"
 
     @property
     def score(self) -> float:
@@ -49,12 +53,16 @@ class EvalResult:
     def short(self) -> str:
         if self.metric == "mse":
             return f"MSE {self.mean:.4f} ± {self.ci95:.4f}"
+        if self.metric != "accuracy":
+            return f"{self.mean:.3f} ± {self.ci95:.3f} {self.metric_label or self.metric}"
         return f"{self.mean:.2f} ± {self.ci95:.2f} %"
 
     def __str__(self) -> str:
         if self.metric == "mse":
             return (f"{self.short()} (95% CI, {self.n} tasks, seed {self.seed}, {self.shots}-shot "
                     f"{self.queries}-query)")
+        if self.metric != "accuracy":
+            return f"{self.short()} (95% CI, {self.n} tasks, seed {self.seed})"
         return (f"{self.short()} (95% CI, {self.n} episodes, seed {self.seed}, "
                 f"{self.ways}-way {self.shots}-shot {self.queries}-query, {self.mode})")
 
@@ -82,6 +90,7 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
 
     For regression families the per-task number is the query MSE (``metric == "mse"``)."""
     regression = bool(getattr(sampler, "regression", False))
+    own_metric = getattr(sampler, "metric", None)
     was_training = method.training
     method.eval()
     sampler.generator.manual_seed(sampler.seed)
@@ -103,6 +112,12 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
                         logits = method.predict(part.support_x, part.support_y, part.query_x, part.ways)
                 logits = logits.float()
                 qy = ep.query_y[sl]
+                if own_metric:
+                    scores = sampler.score(logits, part)
+                    accs.extend(scores.tolist())
+                    losses.extend((sampler.task_loss(logits, part) if hasattr(sampler, "task_loss")
+                                   else scores).tolist())
+                    continue
                 if regression:
                     mse = (logits - qy.float().view_as(logits)).pow(2).flatten(1).mean(1)
                     accs.extend(mse.tolist())
@@ -121,7 +136,8 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
     res = EvalResult(m, ci, sd, len(accs), sampler.ways, sampler.shots, sampler.queries, sampler.seed,
                      mode=getattr(method, "inference_mode", "inductive"), loss=sum(losses) / len(losses),
                      accuracies=accs,
-                     metric="mse" if regression else "accuracy")
+                     metric=own_metric or ("mse" if regression else "accuracy"),
+                     metric_label=getattr(sampler, "metric_label", "") if own_metric else "")
     if csv_path is not None:
         write_episode_csv(res, losses, csv_path)
     return res

@@ -1,4 +1,5 @@
-"""``fewshot plot RUN``: learning curves and a t-SNE picture of held-out class embeddings (PNG)."""
+"""``fewshot plot RUN``: learning curves and a t-SNE picture of held-out class embeddings (PNG); task families
+get their own pictures (sine: adaptation; copy: input, output and the memory attention over time)."""
 from __future__ import annotations
 
 import json
@@ -54,16 +55,20 @@ def learning_curves(run_dir: Path, out: Path) -> Optional[Path]:
     axes[0].set_yscale("log")
     axes[0].legend()
     regression = "mse" in tr[0]
-    if regression:
+    bits = "bits" in tr[0]          # copy task: bits wrong per sequence (lower is better)
+    if bits:
+        axes[1].plot(steps, smooth([r["bits"] for r in tr]), color="C0", label="train sequences")
+    elif regression:
         axes[1].plot(steps, smooth([r["mse"] for r in tr]), color="C0", label="train tasks (query MSE)")
     else:
         axes[1].plot(steps, smooth([100 * r["acc"] for r in tr]), color="C0", label="train episodes")
     if va:
         axes[1].errorbar([r["step"] for r in va], [r["val_acc"] for r in va], yerr=[r["val_ci"] for r in va],
                          color="C1", marker="o", capsize=3,
-                         label="validation (held-out tasks)" if regression else "validation (held-out classes)")
+                         label="validation (held-out tasks)" if regression or bits else
+                         "validation (held-out classes)")
     axes[1].set_xlabel("step")
-    axes[1].set_ylabel("MSE" if regression else "accuracy (%)")
+    axes[1].set_ylabel("bits wrong per sequence" if bits else "MSE" if regression else "accuracy (%)")
     axes[1].legend()
     fig.suptitle(f"{run_dir.name}: learning curves")
     return _save(plt, fig, out)
@@ -156,8 +161,47 @@ def sine_adaptation(run, out: Path, shots: int = 10, tasks_shown: int = 3, seed:
     return _save(plt, fig, out)
 
 
+@torch.no_grad()
+def copy_task_figure(run, out: Path, data: Optional[str] = None, seed: int = 0) -> Path:
+    """For copy-task runs: one held-out sequence (of the longest length of ``data``, default the run's
+    family) with its input, target and output (sigmoid) over time, and, for methods with an external memory
+    (the NTM), the read and write weightings over the memory slots at every step."""
+    from . import tasks
+    from .run import FAMILY_SEEDS
+    fam = tasks.make(data or run.config.data, 1, 1, batch=1, device=run.device, seed=FAMILY_SEEDS["test"] + seed)
+    ep = fam.sample(length=fam.max_length)
+    logits, trace = run.method.sequence_logits(ep.query_x, record=True)
+    x, y = ep.query_x[0].cpu(), ep.query_y[0].cpu()
+    prob = logits[0].float().sigmoid().cpu()
+    T, L = x.shape[0], y.shape[0]
+    wrong = int(fam.score(logits, ep)[0])
+    target = torch.full((T, y.shape[1]), float("nan"))
+    target[T - L:] = y
+    panels = [("input (bits + delimiter)", x), ("target", target), (f"output ({wrong} bits wrong)", prob)]
+    for key, label in (("read_weights", "read"), ("write_weights", "write")):
+        w = trace.get(key)
+        if w is not None:
+            for h in range(w.shape[2]):
+                panels.append((f"{label} weighting, head {h + 1}", w[0, :, h].float().cpu()))
+    plt = _plt()
+    heights = [max(2.0, min(4.0, p[1].shape[1] / 16)) for p in panels]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(max(6.0, T / 6), sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
+    bits_cmap = plt.get_cmap("gray_r").with_extremes(bad="#d8dce8")     # grey: steps without a target
+    for ax, (title, img) in zip(axes[:, 0], panels):
+        slots = "weighting" in title
+        ax.imshow(img.T.numpy(), aspect="auto", interpolation="nearest", cmap="viridis" if slots else bits_cmap,
+                  vmin=0, vmax=1 if not slots else float(img.max()))
+        ax.set_title(title, fontsize=9, loc="left")
+        ax.set_ylabel("memory slot" if slots else "channel", fontsize=8)
+    axes[-1, 0].set_xlabel("time step")
+    fig.suptitle(f"{run.path.name}: {run.method.name} on a length-{L} copy", fontsize=10)
+    return _save(plt, fig, out)
+
+
 def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Path]:
     """Write the run's plots under ``RUN/plots``; returns the files written."""
+    from . import tasks
     from .methods.base import Method
     from .run import task_family, test_classes
     out_dir = Path(run.path) / "plots"
@@ -168,6 +212,9 @@ def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Pat
     family = task_family(run, data)
     if family == "sine":
         written.append(sine_adaptation(run, out_dir / "sine_adaptation.png", shots=run.config.shots))
+        return written
+    if family is not None and tasks.family_name(family) == "copy" and hasattr(run.method, "sequence_logits"):
+        written.append(copy_task_figure(run, out_dir / "copy_task.png", data=family))
         return written
     if family is not None:
         return written

@@ -295,6 +295,8 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
                              ways=None)
         ds = None
         tag = f"{family}-{shots}s{queries}q-seed{seed}"
+        if getattr(sampler, "metric", None):    # a family with its own metric (copy): shots/queries unused
+            tag = f"{family.replace(':', '-')}-seed{seed}"
     else:
         ds = test_classes(run, data)
         u = run.config.unlabeled if unlabeled is None else int(unlabeled)

@@ -27,7 +27,7 @@ from .models import set_channels_last
 from .precision import autocast
 
 SCHEDULES = ("step", "plateau", "linear", "none")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
 CSV_FIELDS = ["step", "kind", "loss", "acc", "lr", "val_acc", "val_ci", "val_loss", "elapsed_s"]
 
 
@@ -35,7 +35,8 @@ CSV_FIELDS = ["step", "kind", "loss", "acc", "lr", "val_acc", "val_ci", "val_los
 class TrainConfig:
     episodes: int = 2000            #: optimiser steps (each on a batch of ``batch`` tasks)
     lr: float = 1e-3
-    optimizer: str = "adam"         #: adam | sgd (plain SGD: Reptile's outer step is SGD with lr epsilon)
+    optimizer: str = "adam"         #: adam | sgd (plain SGD: Reptile's outer step is SGD with lr epsilon) | rmsprop
+    momentum: float = 0.0           #: sgd / rmsprop momentum (the NTM's RMSprop uses 0.9)
     weight_decay: float = 0.0
     schedule: str = "step"          #: step | plateau | linear (to 0 at the last step) | none
     step_size: int = 2000           #: step schedule: multiply the lr by ``gamma`` every this many steps
@@ -47,6 +48,7 @@ class TrainConfig:
     val_episodes: int = 200
     ckpt_every: int = 500           #: write last.pt every this many steps (and at the end)
     grad_clip: float = 0.0          #: clip the gradient norm (0: off)
+    grad_clip_value: float = 0.0    #: clip each gradient component to [-v, v] (0: off; the NTM uses 10)
     log_every: int = 10             #: metric rows every this many steps
     precision: str = "fp32"         #: fp32 | bf16 (resolved from "auto" by the caller)
     channels_last: bool = False
@@ -74,7 +76,9 @@ class TrainResult:
 def make_optimizer(method, cfg: TrainConfig):
     params = [p for p in method.parameters() if p.requires_grad]
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
@@ -195,6 +199,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                 raise FewshotError(f"training diverged at step {step + 1} (loss {loss_value:.3g}); lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            if config.grad_clip_value > 0:
+                torch.nn.utils.clip_grad_value_(method.parameters(), config.grad_clip_value)
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(method.parameters(), config.grad_clip)
             opt.step()
@@ -210,6 +216,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                               "step": step, "kind": "train", "loss": round(loss_value, 6), "lr": lr,
                               "elapsed_s": round(elapsed, 3)})
                 score = {"mse": f"{metrics['mse']:.3f}"} if "mse" in metrics else \
+                    {"bits": f"{metrics['bits']:.2f}"} if "bits" in metrics else \
                     {"acc": f"{metrics.get('acc', 0):.3f}"}
                 bar.set_postfix(loss=f"{loss_value:.3f}", **score, lr=f"{lr:.2g}")
             bar.update(1)

@@ -3,27 +3,38 @@
 A task family is a sampler with the :class:`fewshot.episodes.EpisodeSampler` interface (``sample``,
 ``state_dict``/``load_state_dict``, ``generator``, ``seed``, ``device``, ``ways``/``shots``/``queries``),
 so the trainer, the evaluator and the CLI use it as they use image episodes: ``--data sine`` or
-``--data toy-binary``. ``regression`` tells the evaluator to report the mean squared error.
+``--data toy-binary``. ``regression`` tells the evaluator to report the mean squared error; a family with its
+own per-task metric sets ``metric`` (e.g. ``"bits"``, lower is better) and ``score(prediction, episode)``.
+Families with a ``from_spec`` class method accept options after a colon: ``copy:40``, ``copy:1-20``.
 """
 from __future__ import annotations
 
 from ..errors import FewshotError
 from .base import TaskFamily
+from .copy import CopyTasks
 from .sine import SineTasks
 from .toy import BinaryTasks
 
-FAMILIES = {"sine": SineTasks, "toy-binary": BinaryTasks}
+FAMILIES = {"sine": SineTasks, "toy-binary": BinaryTasks, "copy": CopyTasks}
 
-__all__ = ["FAMILIES", "BinaryTasks", "SineTasks", "TaskFamily", "is_family", "make"]
+__all__ = ["FAMILIES", "BinaryTasks", "CopyTasks", "SineTasks", "TaskFamily", "family_name", "is_family", "make"]
+
+
+def family_name(name: str) -> str:
+    """The family of a data name: ``"copy:40"`` -> ``"copy"`` (families with ``from_spec`` take options)."""
+    base = str(name).partition(":")[0]
+    return base if base in FAMILIES and hasattr(FAMILIES[base], "from_spec") else str(name)
 
 
 def is_family(name: str) -> bool:
-    return name in FAMILIES
+    return family_name(name) in FAMILIES
 
 
 def make(name: str, shots: int, queries: int, batch: int = 1, device="cpu", seed: int = 0,
          ways: int | None = None) -> TaskFamily:
     """A sampler of the task family ``name`` (see :data:`FAMILIES`)."""
-    if name not in FAMILIES:
+    base = family_name(name)
+    if base not in FAMILIES:
         raise FewshotError(f"unknown task family {name!r}; choose from {', '.join(FAMILIES)}")
-    return FAMILIES[name](shots=shots, queries=queries, batch=batch, device=device, seed=seed, ways=ways)
+    kw = dict(shots=shots, queries=queries, batch=batch, device=device, seed=seed, ways=ways)
+    return FAMILIES[base].from_spec(name, **kw) if base != name else FAMILIES[base](**kw)
