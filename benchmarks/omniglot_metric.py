@@ -36,6 +36,8 @@ ROWS = {
     "matching": ("matching", "matching", {}, {"ways": 20, "shots": 5, "queries": 5}),
     "matching-fce": ("matching + FCE", "matching", {"fce": True}, {"ways": 20, "shots": 5, "queries": 5}),
     "relation": ("relation", "relation", {}, {"ways": 20, "shots": 1, "queries": 10}),
+    "relation-mean": ("relation (mean of the K support maps)", "relation", {"shot_pooling": "mean"},
+                      {"ways": 20, "shots": 1, "queries": 10}),
     "siamese": ("Siamese (contrastive, classic)", "siamese", {}, {"ways": 20, "shots": 5, "queries": 5}),
     "siamese-reptile": ("Siamese (triplet, Reptile over domains)", "siamese",
                         {"train": "reptile", "loss": "triplet", "inner_steps": 5, "inner_lr": 0.05},
@@ -115,7 +117,7 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=1000, help="test episodes per setting")
     ap.add_argument("--jobs", type=int, default=2, help="rows trained at the same time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per row")
-    ap.add_argument("--fresh", action="store_true", help="rerun rows already in the results file")
+    ap.add_argument("--fresh", action="store_true", help="rerun the selected rows even if the results file has them")
     ap.add_argument("--row", help=argparse.SUPPRESS)   # internal: run one row in this process
     a = ap.parse_args()
     out = Path(a.out)
@@ -130,8 +132,9 @@ def main() -> None:
     if bad:
         sys.exit(f"unknown row {bad[0]!r}; rows: {', '.join(ROWS)}")
     out.mkdir(parents=True, exist_ok=True)
-    if a.fresh and results.exists():
-        results.unlink()
+    if a.fresh and results.exists():       # forget the selected rows' earlier results (keep the others)
+        kept = [l for l in results.read_text().splitlines() if json.loads(l)["key"] not in keys]
+        results.write_text("".join(l + "\n" for l in kept))
     done = {json.loads(l)["key"] for l in results.read_text().splitlines()} if results.exists() else set()
     todo = [k for k in keys if k not in done]
     print(f"machine: {machine()}; {len(todo)} row(s) to train, {a.jobs} at a time, {a.threads} thread(s) "
@@ -159,7 +162,7 @@ def main() -> None:
                     failed.append(k)
     rows = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
     order = {k: i for i, k in enumerate(ROWS)}
-    rows = sorted({r["key"]: r for r in rows if r["key"] in keys}.values(), key=lambda r: order[r["key"]])
+    rows = sorted({r["key"]: r for r in rows}.values(), key=lambda r: order.get(r["key"], len(order)))
     print()
     print(f"Omniglot small background sets, test alphabets Korean + Tagalog (57 classes), {a.episodes} test "
           f"episodes per setting; every row trained {a.minutes} min, {a.jobs} rows at a time x "

@@ -14,7 +14,7 @@ split (--inner-steps SGD steps at --inner-lr per domain, meta step --meta-lr as 
 Reference (CIFAR-100, ResNet, 10 000 iterations; METHODS.md): classic 90-10 triplet 88.34 / binary 80.95 /
 few-shot 83.06; Reptile 90-10 73.44 / 67.60 / 68.80.
 
-usage: python benchmarks/siamese_splits.py [--minutes 2] [--data glyphs omniglot] [--splits 90-10 50-50]
+usage: python benchmarks/siamese_splits.py [--minutes 2 | --steps N] [--data glyphs omniglot] [--splits 90-10 50-50]
                                            [--reptile] [--out runs/bench_siamese]
 """
 from __future__ import annotations
@@ -34,8 +34,11 @@ def run_one(a, data: str, split: str, training: str) -> list:
     cfg = fs.RunConfig(method="siamese", data=DATA[data], size=a.size, split=split, val_fraction=0,
                        ways=a.ways, shots=1, queries=a.queries, batch=1, seed=a.seed,
                        options={"loss": "contrastive", "train": training, "calibration_pairs": a.pairs})
-    cfg.train.episodes = 10 ** 7                     # the time budget stops training
-    cfg.train.time_limit_s = a.minutes * 60
+    if a.steps:                                      # a fixed number of steps (independent of machine load)
+        cfg.train.episodes = a.steps
+    else:
+        cfg.train.episodes = 10 ** 7                 # the time budget stops training
+        cfg.train.time_limit_s = a.minutes * 60
     cfg.train.val_every = 0
     cfg.train.ckpt_every = 10 ** 7
     cfg.train.schedule = "none"
@@ -65,6 +68,7 @@ def main() -> None:
     ap.add_argument("--data", nargs="+", default=["glyphs", "omniglot"], choices=sorted(DATA))
     ap.add_argument("--splits", nargs="+", default=["90-10", "50-50"], choices=["90-10", "80-20", "50-50"])
     ap.add_argument("--minutes", type=float, default=2.0, help="training time per run (default: 2)")
+    ap.add_argument("--steps", type=int, default=0, help="train this many steps instead of --minutes")
     ap.add_argument("--reptile", action="store_true", help="also train with Reptile over class domains")
     ap.add_argument("--size", type=int, default=28)
     ap.add_argument("--ways", type=int, default=20, help="classes per training episode (pairs come from them)")
@@ -84,7 +88,8 @@ def main() -> None:
                 rows.append(run_one(a, data, split, training))
     print()
     print(f"Siamese network, contrastive loss (margin 1), {a.ways}-way {1 + a.queries}-image training episodes, "
-          f"{a.minutes:g} min of training per run, size {a.size}; binary/triplet on {a.pairs} held-out pairs/"
+          + (f"{a.steps} training steps" if a.steps else f"{a.minutes:g} min of training") +
+          f" per run, size {a.size}; binary/triplet on {a.pairs} held-out pairs/"
           f"triplets, one-shot on {a.episodes} episodes (15 queries); 95% CIs")
     print(table(rows, ["data", "split", "training", "steps", "train min", "binary acc (%)", "threshold",
                        "triplet acc (%)", "5-way 1-shot (%)", "20-way 1-shot (%)"]))

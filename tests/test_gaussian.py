@@ -4,17 +4,14 @@ and train -> eval -> predict -> plot through the CLI."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_nuisance
+from conftest import learn_on_nuisance, support_folder
 from fewshot import methods
-from fewshot.episodes import EpisodeSampler
 from fewshot.errors import FewshotError
-from fewshot.evaluate import evaluate
 from fewshot.methods.gaussian import TRANSFORMS, InverseCovariance, gaussian_distance, gaussian_prototypes
 
 from test_cli import run_cli
@@ -187,24 +184,8 @@ def test_option_errors() -> None:
 def test_learns_held_out_classes() -> None:
     """300 episodes (MLP encoder, diagonal covariance) lift 5-way 1-shot accuracy on unseen classes far above
     chance (20%) and the untrained network; the learned inverse covariances become non-uniform."""
-    t = time.perf_counter()
-    ds = make_nuisance()
-    train_ds, test_ds = ds.split_fraction(test=1 / 3, seed=0)
-    torch.manual_seed(0)
-    m = methods.build("gaussian", ds.image_shape, backbone="mlp", mlp_hidden=[64], embedding=32,
+    m, before, after = learn_on_nuisance("gaussian", backbone="mlp", mlp_hidden=[64], embedding=32,
                       covariance="diagonal", batch_norm=True)
-    test_sampler = EpisodeSampler(test_ds, 5, 1, 5, seed=0)
-    before = evaluate(m, test_sampler, 200, progress=False)
-    sampler = EpisodeSampler(train_ds, 20, 1, 5, seed=0)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    m.train()
-    for _ in range(300):
-        loss, _ = m.loss(sampler.sample())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = evaluate(m, test_sampler, 200, progress=False)
-    print(f"gaussian 5-way 1-shot held out: {before.mean:.1f}% -> {after.mean:.1f}% ({time.perf_counter() - t:.1f} s)")
     assert after.mean > 65 and after.mean > before.mean + 20, (before, after)
 
 
@@ -221,11 +202,7 @@ def test_cli_train_eval_predict_plot(capsys, tmp_path: Path, image_root: Path) -
                            "--no-progress")
     assert rc == 0 and "3-way 2-shot" in out, err
     sup = tmp_path / "support"
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and p.name.startswith("class_"))[:3]
-    for c in classes:
-        (sup / c.name).mkdir(parents=True)
-        for f in sorted(c.iterdir())[:2]:
-            (sup / c.name / f.name).write_bytes(f.read_bytes())
+    classes = support_folder(image_root, sup, shots=2)
     rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", sorted(classes[1].iterdir())[3],
                            "--no-progress")
     assert rc == 0, err

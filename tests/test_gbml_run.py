@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import fewshot as fs
-from fewshot.cli import main
 
+from conftest import support_folder
 from test_cli import run_cli
 
 
@@ -51,11 +51,7 @@ def test_predict_with_a_gradient_method(capsys, tmp_path: Path, image_root: Path
     rc, _, err = run_cli(capsys, *_tiny_image_train(tmp_path, image_root, "maml"))
     assert rc == 0, err
     sup = tmp_path / "support"
-    sup.mkdir()
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith("."))[:3]
-    for c in classes:
-        (sup / c.name).mkdir()
-        (sup / c.name / "a.png").write_bytes(sorted(c.iterdir())[0].read_bytes())
+    classes = support_folder(image_root, sup)
     query = sorted(classes[1].iterdir())[1]
     rc, out, err = run_cli(capsys, "predict", tmp_path / "maml", "--support", sup, "--query", query,
                            "--no-progress")
@@ -158,7 +154,7 @@ def test_bad_gradient_options_are_one_line_errors(capsys, tmp_path: Path) -> Non
         (["--bn", "weird"], "unknown batch-norm mode 'weird'"),
         (["--adapt", "everything"], "unknown adapt choice"),
         (["--combine", "agreement", "--taml", "gini"], "not both"),
-        (["--optimizer", "rmsprop"], "unknown optimizer"),
+        (["--optimizer", "lbfgs"], "unknown optimizer"),
     ]:
         rc, _, err = run_cli(capsys, "train", "maml", "--data", "sine", "--episodes", "1", "--no-progress",
                              "--out", tmp_path / "bad", "--overwrite", *args)

@@ -6,7 +6,6 @@ import re
 import time
 import unicodedata
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image

@@ -3,17 +3,15 @@ class seeded from that class, hand-computed prototypes, deterministic evaluation
 learning on held-out classes, and train -> eval -> predict -> plot (with the real-vs-hallucinated t-SNE)."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_nuisance
+from conftest import learn_on_nuisance, support_folder
 from fewshot import methods
-from fewshot.episodes import Episode, EpisodeSampler
+from fewshot.episodes import Episode
 from fewshot.errors import FewshotError
-from fewshot.evaluate import evaluate
 from fewshot.methods.hallucinate import Hallucinator, hallucination_seeds
 
 from test_cli import run_cli
@@ -137,25 +135,8 @@ def test_option_errors() -> None:
 def test_learns_held_out_classes() -> None:
     """300 episodes with M = 5 hallucinations per class lift 5-way 1-shot accuracy on unseen classes far
     above chance (20%) and the untrained network."""
-    t = time.perf_counter()
-    ds = make_nuisance()
-    train_ds, test_ds = ds.split_fraction(test=1 / 3, seed=0)
-    torch.manual_seed(0)
-    m = methods.build("hallucinate", ds.image_shape, backbone="mlp", mlp_hidden=[64], embedding=32, m=5,
+    m, before, after = learn_on_nuisance("hallucinate", backbone="mlp", mlp_hidden=[64], embedding=32, m=5,
                       gen_hidden=128, dropout=0.2)
-    test_sampler = EpisodeSampler(test_ds, 5, 1, 5, seed=0)
-    before = evaluate(m, test_sampler, 200, progress=False)
-    sampler = EpisodeSampler(train_ds, 20, 1, 5, seed=0)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    m.train()
-    for _ in range(300):
-        loss, _ = m.loss(sampler.sample())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = evaluate(m, test_sampler, 200, progress=False)
-    print(f"hallucinate 5-way 1-shot held out: {before.mean:.1f}% -> {after.mean:.1f}% "
-          f"({time.perf_counter() - t:.1f} s)")
     assert after.mean > 65 and after.mean > before.mean + 20, (before, after)
 
 
@@ -175,10 +156,7 @@ def test_cli_train_eval_predict_plot(capsys, tmp_path: Path, image_root: Path) -
                              "--episodes", "10", "--no-progress")
     assert again == out                                       # deterministic evaluation
     sup = tmp_path / "support"
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and p.name.startswith("class_"))[:3]
-    for c in classes:
-        (sup / c.name).mkdir(parents=True)
-        (sup / c.name / "a.png").write_bytes(sorted(c.iterdir())[0].read_bytes())
+    classes = support_folder(image_root, sup)
     rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", sorted(classes[2].iterdir())[1],
                            "--no-progress")
     assert rc == 0, err

@@ -4,17 +4,15 @@ train -> eval -> predict -> plot through the CLI with and without FCE."""
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import make_nuisance
+from conftest import learn_on_nuisance, support_folder
 from fewshot import methods
-from fewshot.episodes import Episode, EpisodeSampler
+from fewshot.episodes import Episode
 from fewshot.errors import FewshotError
-from fewshot.evaluate import evaluate
 from fewshot.methods.matching import MatchingNet, attention_log_probs, cosine_matrix
 
 from test_cli import run_cli
@@ -177,24 +175,7 @@ def test_learns_held_out_classes(fce: bool) -> None:
     """300 episodes on 40 classes of the nuisance set (the class is a corner pattern among noise pixels) lift
     5-way 1-shot accuracy on 20 unseen classes far above chance (20%) and the untrained network, with and
     without full context embeddings."""
-    t = time.perf_counter()
-    ds = make_nuisance()
-    train_ds, test_ds = ds.split_fraction(test=1 / 3, seed=0)
-    torch.manual_seed(0)
-    m = methods.build("matching", ds.image_shape, backbone="mlp", mlp_hidden=[64], embedding=32, fce=fce)
-    test_sampler = EpisodeSampler(test_ds, 5, 1, 5, seed=0)
-    before = evaluate(m, test_sampler, 200, progress=False)
-    sampler = EpisodeSampler(train_ds, 20, 1, 5, seed=0)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    m.train()
-    for _ in range(300):
-        loss, _ = m.loss(sampler.sample())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = evaluate(m, test_sampler, 200, progress=False)
-    print(f"matching (fce {fce}) 5-way 1-shot on held-out classes: {before.mean:.1f}% -> {after.mean:.1f}% "
-          f"({time.perf_counter() - t:.1f} s)")
+    m, before, after = learn_on_nuisance("matching", backbone="mlp", mlp_hidden=[64], embedding=32, fce=fce)
     assert after.mean > 70 and after.mean > before.mean + 25
 
 
@@ -213,10 +194,7 @@ def test_train_eval_predict_plot_through_the_cli(capsys, tmp_path: Path, image_r
                            "10", "--no-progress")
     assert rc == 0 and "3-way 2-shot" in out, err
     sup = tmp_path / "support"
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and p.name.startswith("class_"))[:3]
-    for c in classes:
-        (sup / c.name).mkdir(parents=True)
-        (sup / c.name / "a.png").write_bytes(sorted(c.iterdir())[0].read_bytes())
+    classes = support_folder(image_root, sup)
     query = sorted(classes[2].iterdir())[0]                # the support image of class 2 itself
     rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", query, "--no-progress")
     assert rc == 0, err

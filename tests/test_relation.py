@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fewshot as fs
-from conftest import make_nuisance, make_synthetic
+from conftest import class_dirs, make_nuisance, make_synthetic, support_folder
 from fewshot import methods
 from fewshot.data.dataset import ClassDataset
 from fewshot.episodes import Episode, EpisodeSampler
@@ -121,6 +121,21 @@ def test_k_shot_is_the_sum_of_the_feature_maps() -> None:
     with pytest.raises(FewshotError, match="at least one support example"):
         class_sums(z, torch.tensor([[1, 1, 1]]), 2)
 
+
+
+def test_mean_shot_pooling_is_the_mean_of_the_feature_maps() -> None:
+    """shot_pooling mean: K support maps score like one support map equal to their mean (so K = 1 and
+    K = 5 stay on the same scale); unknown pooling is a clear error."""
+    torch.manual_seed(0)
+    m = methods.build("relation", (1, 16, 16), hidden=4, shot_pooling="mean").eval()
+    m.encoder = nn.Identity()
+    sx, qx = torch.rand(1, 5, 4, 4, 4), torch.rand(1, 3, 4, 4, 4)
+    sy = torch.tensor([[0, 0, 0, 1, 1]])
+    mean = torch.stack([sx[:, :3].mean(1), sx[:, 3:].mean(1)], 1)
+    with torch.no_grad():
+        torch.testing.assert_close(m.predict(sx, sy, qx, 2), m.predict(mean, torch.tensor([[0, 1]]), qx, 2))
+    with pytest.raises(FewshotError, match="unknown shot_pooling 'max'"):
+        methods.build("relation", (1, 16, 16), shot_pooling="max")
 
 def test_vector_variant_averages_pair_scores_by_hand() -> None:
     """Vector variant: every query scored against every support sample by the relation MLP (here a known
@@ -279,11 +294,7 @@ def test_train_eval_predict_plot_through_the_cli(capsys, tmp_path: Path, image_r
                            "10", "--no-progress")
     assert rc == 0 and "3-way 3-shot" in out, err
     sup = tmp_path / "support"
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and p.name.startswith("class_"))[:3]
-    for c in classes:
-        (sup / c.name).mkdir(parents=True)
-        for f in sorted(c.iterdir())[:2]:
-            (sup / c.name / f.name).write_bytes(f.read_bytes())
+    classes = support_folder(image_root, sup, shots=2)
     rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", sorted(classes[1].iterdir())[3],
                            "--no-progress")
     assert rc == 0, err
@@ -299,7 +310,7 @@ def test_zero_shot_through_the_cli(capsys, tmp_path: Path, image_root: Path) -> 
     assert_one_line_error(rc, err, "zero-shot relation network needs --attributes CLASS_VECTORS.csv")
     g = torch.Generator().manual_seed(0)
     csv = tmp_path / "attrs.csv"
-    names = sorted(p.name for p in image_root.iterdir() if p.is_dir() and p.name.startswith("class_"))
+    names = [p.name for p in class_dirs(image_root, 100)]
     csv.write_text("class,a1,a2,a3,a4\n" + "".join(
         f"{n}," + ",".join(f"{v:.3f}" for v in torch.rand(4, generator=g).tolist()) + "\n" for n in names))
     run = tmp_path / "zsl"
@@ -315,9 +326,7 @@ def test_zero_shot_through_the_cli(capsys, tmp_path: Path, image_root: Path) -> 
     assert rc == 0 and (run / "plots" / "tsne_test_classes.png").is_file(), err
     # predict labels images from a support folder of images: a zero-shot run needs class vectors instead
     sup = tmp_path / "support"
-    for n in names[:2]:
-        (sup / n).mkdir(parents=True)
-        (sup / n / "a.png").write_bytes(sorted((image_root / n).iterdir())[0].read_bytes())
+    support_folder(image_root, sup, classes=2)
     first = sorted((image_root / names[0]).iterdir())[1]
     rc, _, err = run_cli(capsys, "predict", run, "--support", sup, "--query", first, "--no-progress")
     assert_one_line_error(rc, err, "class vectors")

@@ -18,7 +18,7 @@ from fewshot.methods import build
 from fewshot.methods.semisup import refine_prototypes
 from fewshot.run import split_dataset
 
-from conftest import make_synthetic
+from conftest import make_synthetic, support_folder
 from test_cli import run_cli
 
 
@@ -203,10 +203,7 @@ def test_semisup_trains_evaluates_predicts_and_plots(capsys, tmp_path: Path, ima
                          "--distractors", "0", "--episodes", "10", "--no-progress")
     assert rc == 0 and "2-way 1-shot" in o, err
     sup = tmp_path / "support"
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith("."))[:3]
-    for c in classes:
-        (sup / c.name).mkdir(parents=True)
-        (sup / c.name / "a.png").write_bytes(sorted(c.iterdir())[0].read_bytes())
+    classes = support_folder(image_root, sup)
     rc, o, err = run_cli(capsys, "predict", out, "--support", sup, "--query", sorted(classes[1].iterdir())[1],
                          "--no-progress")
     assert rc == 0 and o.split("\t")[1] in {c.name for c in classes}, err

@@ -21,7 +21,7 @@ from fewshot.errors import FewshotError
 from fewshot.methods.siamese import (best_threshold, contrastive_loss, nearest_support_logits, pair_energy,
                                      triplet_loss)
 
-from conftest import make_synthetic, strokes
+from conftest import make_synthetic, strokes, support_folder
 from test_cli import run_cli
 
 
@@ -269,10 +269,7 @@ def test_cli_train_eval_predict_plot(capsys, tmp_path: Path, image_root: Path) -
     saved = json.loads((run / "eval" / "pairs-100-seed0.json").read_text())
     assert saved["pairs"] == 100 and 0 <= saved["binary_acc"] <= 100 and saved["classes"] == 8
     sup = tmp_path / "support"
-    classes = sorted(p for p in image_root.iterdir() if p.is_dir() and not p.name.startswith("."))[:3]
-    for c in classes:
-        (sup / c.name).mkdir(parents=True)
-        (sup / c.name / "a.png").write_bytes(sorted(c.iterdir())[0].read_bytes())
+    classes = support_folder(image_root, sup)
     rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", sorted(classes[2].iterdir())[1],
                            "--no-progress")
     assert rc == 0, err

@@ -19,7 +19,7 @@ from .cifar import default_root as cifar_root
 from .dataset import ClassDataset, cached
 from .folder import image_folder, list_images, load_files
 from .glyphs import glyphs
-from .images import Preprocess, as_size, load_image
+from .images import Preprocess, load_image
 from .lake import LakeRun, load_lake_runs
 from .omniglot import FILES as OMNIGLOT_FILES, default_root, download_file, omniglot
 

@@ -186,7 +186,7 @@ class ClassDataset:
 
     def with_rotations(self, angles: Sequence[int] = (90, 180, 270)) -> "ClassDataset":
         """Add each class rotated by the given multiples of 90 degrees as new classes (training only)."""
-        parts, names, groups = [], list(self.names), list(self.groups) if self.groups else None
+        names, groups = list(self.names), list(self.groups) if self.groups else None
         for a in angles:
             if a % 90 != 0 or a % 360 == 0:
                 raise FewshotError(f"rotation angles must be 90, 180 or 270, got {a}")

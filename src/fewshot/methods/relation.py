@@ -11,7 +11,8 @@ one-hot target 1[y_j = n] (the mean over the B*M*N pairs of a batch). Three vari
 - **Images** (the paper's few-shot model): f = four conv blocks (conv 3x3 with padding 1, batch norm, ReLU)
   with a 2x2 max-pool after the first two only, so f keeps a spatial map of H/4 x W/4 (7x7 for 28x28
   Omniglot, 21x21 for 84x84 mini-ImageNet; the paper's unpadded convolutions give 5x5 and 19x19). The class
-  side c_n is the *sum* of the K support feature maps of class n (the paper's K-shot rule). g = two conv
+  side c_n is the *sum* of the K support feature maps of class n (the paper's K-shot rule; ``shot_pooling
+  mean`` averages them instead, so a model trained with one K can be tested at another). g = two conv
   blocks (conv 3x3 padding 1, batch norm, ReLU, max-pool 2) on the channel-concatenated pair, then
   Linear -> ReLU -> Linear(1) with ``relation_hidden`` = 8 units; images need at least 16 pixels a side.
 - **Vectors** (``backbone mlp``, or auto for vector inputs): f = an MLP encoder, g = an MLP
@@ -93,6 +94,9 @@ class RelationNet(Method):
         zero_shot: bool = False         #: compare queries with class semantic vectors (needs --attributes)
         attr_dim: int = 0               #: length A of the semantic vectors (filled in from the data)
         attr_hidden: int = 1024         #: hidden units of the semantic-vector MLP (zero-shot; paper: 1024 on AwA)
+        #: how K support feature maps of a class combine (images): "sum" (the paper; train with the K you test
+        #: with) or "mean" (a model trained with one K stays in distribution at another K)
+        shot_pooling: str = "sum"
 
     run_defaults = {"ways": 5, "shots": 1, "queries": 19, "val_queries": 15}
 
@@ -102,6 +106,8 @@ class RelationNet(Method):
         for k in ("hidden", "relation_hidden", "embedding", "mlp_relation_hidden", "attr_hidden"):
             if int(getattr(c, k)) < 1:
                 raise FewshotError(f"{k} must be at least 1, got {getattr(c, k)}")
+        if c.shot_pooling not in ("sum", "mean"):
+            raise FewshotError(f"unknown shot_pooling {c.shot_pooling!r}; choose sum or mean")
         kind = c.backbone
         if kind == "auto":
             kind = "conv4" if len(self.in_shape) == 3 else "mlp"
@@ -164,7 +170,11 @@ class RelationNet(Method):
         z = self._encode(torch.cat([support_x, query_x], 1))
         zs, zq = z[:, :S], z[:, S:]
         if self.kind == "image":
-            logits = self._pair_logits(class_sums(zs, support_y, ways), zq)
+            cls = class_sums(zs, support_y, ways)
+            if self.config.shot_pooling == "mean":
+                counts = F.one_hot(support_y, ways).sum(1).to(cls.dtype)        # [B, N]
+                cls = cls / counts.view(*counts.shape, *([1] * (cls.dim() - 2)))
+            logits = self._pair_logits(cls, zq)
             with torch.autocast(logits.device.type, enabled=False):
                 return F.logsigmoid(logits.float())
         logits = self._pair_logits(zs, zq)                  # every query against every support sample
