@@ -99,7 +99,7 @@ def render(rows: list) -> str:
             worse = [f"{w}w{k}s" for w, k in SETTINGS
                      if r["results"][f"{w}w{k}s"]["mean"] + r["results"][f"{w}w{k}s"]["ci95"]
                      < ref["results"][f"{w}w{k}s"]["mean"] - ref["results"][f"{w}w{k}s"]["ci95"]]
-            cells.append("below protonet: " + ", ".join(worse) if worse else "≥ protonet (within CI)")
+            cells.append("below protonet: " + ", ".join(worse) if worse else "not below protonet")
         else:
             cells.append("reference")
         body.append(cells)
