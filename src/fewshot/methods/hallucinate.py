@@ -27,9 +27,8 @@ M = 50: 44.26 +- 0.62, M = 100: 47.59 +- 0.79 (%).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +37,7 @@ from torch import nn
 from ..errors import FewshotError
 from . import register
 from .base import Method, accuracy, infer_ways
-from .protonet import DISTANCES, distance, make_backbone, prototypes
+from .protonet import distance, DISTANCES, encoder, EncoderOptions, prototypes
 
 GEN_INITS = ("auto", "identity", "random")
 
@@ -110,11 +109,7 @@ class HallucinationProtoNet(Method):
     """Prototypical network whose prototypes also average M generated features per class (Wang et al. 2018)."""
 
     @dataclass
-    class Config:
-        backbone: str = "auto"          #: conv4 for images, mlp for vectors
-        hidden: int = 64                #: conv4 channels
-        mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
-        embedding: int = 64             #: mlp output size
+    class Config(EncoderOptions):
         distance: str = "sqeuclidean"   #: sqeuclidean | euclidean | cosine | dot
         m: int = 10                     #: hallucinated features per class (0: a plain prototypical network)
         gen_hidden: int = 2400          #: hidden width of the generator
@@ -129,8 +124,7 @@ class HallucinationProtoNet(Method):
             raise FewshotError(f"unknown distance {config.distance!r}; choose from {', '.join(DISTANCES)}")
         if config.m < 0:
             raise FewshotError(f"m (hallucinated features per class) must be at least 0, got {config.m}")
-        self.backbone = make_backbone(config.backbone, self.in_shape, config.hidden, config.mlp_hidden,
-                                      config.embedding)
+        self.backbone = encoder(config, self.in_shape)
         dim = feature_dim(self.backbone, self.in_shape)
         self.generator = Hallucinator(dim, config.gen_hidden, config.dropout, config.gen_init)
 

@@ -31,8 +31,7 @@ Full context embeddings (``fce``), paper Appendix A.2 (f' is the backbone):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from torch import nn
 from ..errors import FewshotError
 from . import register
 from .base import Method, accuracy, infer_ways
-from .protonet import make_backbone
+from .protonet import encoder, EncoderOptions
 
 
 def cosine_matrix(q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -93,11 +92,7 @@ class MatchingNet(Method):
     """Matching network: softmax attention over cosine similarities to the support (Vinyals et al. 2016)."""
 
     @dataclass
-    class Config:
-        backbone: str = "auto"          #: conv4 for images, mlp for vectors
-        hidden: int = 64                #: conv4 channels
-        mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
-        embedding: int = 64             #: mlp output size
+    class Config(EncoderOptions):
         fce: bool = False               #: full context embeddings (BiLSTM support, attention-LSTM queries)
         fce_steps: int = 5              #: K processing steps of the query LSTM (the paper does not fix K)
         learn_scale: bool = True        #: learn the scale s of the cosines (see the module docstring)
@@ -111,8 +106,7 @@ class MatchingNet(Method):
             raise FewshotError(f"scale must be positive, got {config.scale}")
         if config.fce and config.fce_steps < 1:
             raise FewshotError(f"fce_steps must be at least 1, got {config.fce_steps}")
-        self.backbone = make_backbone(config.backbone, self.in_shape, config.hidden, config.mlp_hidden,
-                                      config.embedding)
+        self.backbone = encoder(config, self.in_shape)
         s = torch.tensor(float(config.scale))
         if config.learn_scale:
             self.log_scale = nn.Parameter(s.log())

@@ -65,16 +65,26 @@ def make_backbone(kind: str, in_shape, hidden: int, mlp_hidden, embedding: int) 
     raise FewshotError(f"unknown backbone {kind!r}; choose conv4, conv1d, mlp or auto")
 
 
+@dataclass
+class EncoderOptions:
+    """The embedding-network options shared by the metric methods (their Configs extend this)."""
+    backbone: str = "auto"          #: conv4 for images, mlp for vectors, conv1d for feature maps (audio)
+    hidden: int = 64                #: conv4 channels
+    mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
+    embedding: int = 64             #: mlp output size
+
+
+def encoder(config: EncoderOptions, in_shape) -> nn.Module:
+    """The backbone a Config extending :class:`EncoderOptions` asks for."""
+    return make_backbone(config.backbone, in_shape, config.hidden, config.mlp_hidden, config.embedding)
+
+
 @register("protonet")
 class ProtoNet(Method):
     """Prototypical network: nearest class mean in an embedding space (Snell et al. 2017)."""
 
     @dataclass
-    class Config:
-        backbone: str = "auto"          #: conv4 for images, mlp for vectors
-        hidden: int = 64                #: conv4 channels
-        mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
-        embedding: int = 64             #: mlp output size
+    class Config(EncoderOptions):
         distance: str = "sqeuclidean"   #: sqeuclidean | euclidean | cosine | dot
         l2_penalty: float = 0.0         #: lambda of the in-loss weight penalty (0.05 in one variant)
         learn_scale: bool = False       #: learn a temperature multiplying the logits
@@ -84,8 +94,7 @@ class ProtoNet(Method):
         super().__init__(config, in_shape)
         if config.distance not in DISTANCES:
             raise FewshotError(f"unknown distance {config.distance!r}; choose from {', '.join(DISTANCES)}")
-        self.backbone = make_backbone(config.backbone, self.in_shape, config.hidden, config.mlp_hidden,
-                                      config.embedding)
+        self.backbone = encoder(config, self.in_shape)
         s = torch.tensor(float(config.scale))
         if config.learn_scale:
             self.log_scale = nn.Parameter(s.log())

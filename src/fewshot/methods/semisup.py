@@ -27,8 +27,7 @@ queries only; with ``transductive_predict`` the queries themselves serve as the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ from torch import nn
 from ..errors import FewshotError
 from . import register
 from .base import accuracy, infer_ways
-from .protonet import ProtoNet, distance, prototypes
+from .protonet import EncoderOptions, ProtoNet, distance, prototypes
 
 MODES = ("kmeans", "distractor", "masked")
 _HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
@@ -102,11 +101,7 @@ class SemiSupervisedProtoNet(ProtoNet):
     """Semi-supervised prototypical network: soft k-means over unlabelled examples (Ren et al. 2018)."""
 
     @dataclass
-    class Config:
-        backbone: str = "auto"
-        hidden: int = 64
-        mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
-        embedding: int = 64
+    class Config(EncoderOptions):
         mode: str = "kmeans"            #: kmeans | distractor | masked
         steps: int = 1                  #: soft k-means refinement steps
         mask_hidden: int = 20           #: masked mode: hidden units of the threshold/slope MLP

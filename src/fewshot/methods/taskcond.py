@@ -30,8 +30,7 @@ head on top of the embedding trained noticeably worse in our small experiments (
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import List
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -41,7 +40,7 @@ from ..errors import FewshotError
 from . import register
 from .base import Method, accuracy, infer_ways
 from .hallucinate import feature_dim
-from .protonet import distance, make_backbone, prototypes
+from .protonet import distance, encoder, EncoderOptions, prototypes
 
 
 def _sqrt(var: torch.Tensor) -> torch.Tensor:
@@ -76,11 +75,7 @@ class TaskConditioned(Method):
     """Task-conditioned network: prototypes of FiLM-conditioned features from a support-set embedding (TADAM-like)."""
 
     @dataclass
-    class Config:
-        backbone: str = "auto"          #: conv4 for images, mlp for vectors
-        hidden: int = 64                #: conv4 channels
-        mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
-        embedding: int = 64             #: mlp output size
+    class Config(EncoderOptions):
         label_aware: bool = False       #: add pooled per-class statistics to the task embedding
         task_hidden: int = 64           #: hidden width of the task network phi (0: the feature size D)
         head_hidden: int = 0            #: hidden width of the residual head g (0: the feature size D)
@@ -94,8 +89,7 @@ class TaskConditioned(Method):
                 raise FewshotError(f"{k} must be at least 0, got {getattr(config, k)}")
         if config.scale <= 0:
             raise FewshotError(f"scale must be positive, got {config.scale}")
-        self.backbone = make_backbone(config.backbone, self.in_shape, config.hidden, config.mlp_hidden,
-                                      config.embedding)
+        self.backbone = encoder(config, self.in_shape)
         D = feature_dim(self.backbone, self.in_shape)
         self.dim = D
         t_dim = (4 if config.label_aware else 2) * D
