@@ -74,3 +74,29 @@ def fit_fresh(cfg, out: Path) -> tuple:
     t0 = time.time()
     run = fs.fit(cfg, out, progress=False)
     return run, time.time() - t0
+
+
+def run_row_processes(script: str, keys: list, row_args: list, out: Path, jobs: int, threads: int) -> list:
+    """Run ``python SCRIPT --row KEY ROW_ARGS...`` for every key, ``jobs`` processes at a time, each with
+    ``threads`` OpenMP threads and its output in ``OUT/KEY.log``; returns the keys whose process failed."""
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    todo, running, failed = list(keys), [], []
+    while todo or running:
+        while todo and len(running) < jobs:
+            k = todo.pop(0)
+            log = open(out / f"{k}.log", "w")
+            p = subprocess.Popen([sys.executable, script, "--row", k, *row_args], stdout=log,
+                                 stderr=subprocess.STDOUT, env=env)
+            running.append((k, p, log))
+            print(f"started {k}", flush=True)
+        time.sleep(2)
+        for item in list(running):
+            k, p, log = item
+            if p.poll() is not None:
+                log.close()
+                running.remove(item)
+                print(f"finished {k} (exit {p.returncode})", flush=True)
+                if p.returncode:
+                    failed.append(k)
+    return failed

@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, TEST_ALPHABETS, machine, table
+from common import OMNIGLOT, ROOT, TEST_ALPHABETS, machine, run_row_processes, table
 
 INSTANCES = (1, 2, 3, 5, 10)
 ROWS = {
@@ -110,30 +108,12 @@ def main() -> None:
     todo = [k for k in keys if k not in done]
     print(f"machine: {machine()}; {len(todo)} row(s) to train, {a.jobs} at a time, {a.threads} thread(s) "
           f"each, {a.minutes} min each", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
     passed = ["--minutes", str(a.minutes), "--data", a.data, "--size", str(a.size), "--batch", str(a.batch),
               "--lr", str(a.lr), "--options", a.options, "--seed", str(a.seed), "--episodes", str(a.episodes),
               "--out", str(out), "--results", str(results), "--threads", str(a.threads)]
     if a.no_rotations:
         passed.append("--no-rotations")
-    running, failed = [], []
-    while todo or running:
-        while todo and len(running) < a.jobs:
-            k = todo.pop(0)
-            log = open(out / f"{k}.log", "w")
-            p = subprocess.Popen([sys.executable, __file__, "--row", k, *passed], stdout=log,
-                                 stderr=subprocess.STDOUT, env=env)
-            running.append((k, p, log))
-            print(f"started {k}", flush=True)
-        time.sleep(2)
-        for item in list(running):
-            k, p, log = item
-            if p.poll() is not None:
-                log.close()
-                running.remove(item)
-                print(f"finished {k} (exit {p.returncode})", flush=True)
-                if p.returncode:
-                    failed.append(k)
+    failed = run_row_processes(__file__, todo, passed, out, a.jobs, a.threads)
     rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()] if results.exists() else []
     order = {k: i for i, k in enumerate(ROWS)}
     rows = sorted({r["key"]: r for r in rows if r["key"] in keys}.values(), key=lambda r: order[r["key"]])

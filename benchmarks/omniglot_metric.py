@@ -18,13 +18,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, machine, table
+from common import OMNIGLOT, ROOT, machine, run_row_processes, table
 
 #: 20 drawings per Omniglot character: semi-supervised rows hold 5 unlabelled images per way, so their test
 #: episodes have 10 queries per way instead of 15 (1 + 10 + 5 and 5 + 10 + 5 images fit in 20).
@@ -139,27 +137,9 @@ def main() -> None:
     todo = [k for k in keys if k not in done]
     print(f"machine: {machine()}; {len(todo)} row(s) to train, {a.jobs} at a time, {a.threads} thread(s) "
           f"each, {a.minutes} min each", flush=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(a.threads)}
-    running: list = []
-    failed = []
-    while todo or running:
-        while todo and len(running) < a.jobs:
-            k = todo.pop(0)
-            cmd = [sys.executable, __file__, "--row", k, "--minutes", str(a.minutes), "--data", a.data,
-                   "--out", str(out), "--results", str(results), "--episodes", str(a.episodes),
-                   "--threads", str(a.threads)]
-            log = open(out / f"{k}.log", "w")
-            running.append((k, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
-            print(f"started {k}", flush=True)
-        time.sleep(2)
-        for item in list(running):
-            k, p, log = item
-            if p.poll() is not None:
-                log.close()
-                running.remove(item)
-                print(f"finished {k} (exit {p.returncode})", flush=True)
-                if p.returncode:
-                    failed.append(k)
+    row_args = ["--minutes", str(a.minutes), "--data", a.data, "--out", str(out), "--results", str(results),
+                "--episodes", str(a.episodes), "--threads", str(a.threads)]
+    failed = run_row_processes(__file__, todo, row_args, out, a.jobs, a.threads)
     rows = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
     order = {k: i for i, k in enumerate(ROWS)}
     rows = sorted({r["key"]: r for r in rows}.values(), key=lambda r: order.get(r["key"], len(order)))

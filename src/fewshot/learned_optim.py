@@ -45,6 +45,7 @@ Python API (there is no CLI command; ``benchmarks/lstm_optimizer.py`` runs the w
 """
 from __future__ import annotations
 
+import abc
 import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -167,18 +168,18 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
 
 # ----------------------------------------------------------------------------------------------- problems
-class Problems:
+class Problems(abc.ABC):
     """A batch of ``batch`` independent optimisee problems; parameters carry the problem index first."""
 
     batch: int
 
+    @abc.abstractmethod
     def init_params(self) -> List[torch.Tensor]:
         """The starting point theta_0 (the same every call, so all optimisers start alike)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def loss(self, params: Sequence[torch.Tensor]) -> torch.Tensor:
         """Per-problem losses ``[batch]``."""
-        raise NotImplementedError
 
 
 class QuadraticProblems(Problems):
