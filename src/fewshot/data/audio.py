@@ -39,6 +39,7 @@ import torch
 
 from ..errors import FewshotError
 from .dataset import ClassDataset, cached
+from .folder import _class_folders
 from .images import Preprocess
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")
@@ -265,8 +266,7 @@ def audio_folder(root: str | os.PathLike, features: AudioFeatures | dict | None 
         raise FewshotError(f"no such folder: {root}" if not root.exists() else
                            f"not a folder: {root} (expected one subfolder of audio clips per class)")
     _soundfile()
-    folders = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")),
-                     key=lambda p: p.name)
+    folders = _class_folders(root)
     if not folders:
         raise FewshotError(f"no class subfolders in {root}")
     classes = []
