@@ -44,8 +44,9 @@ def run_row(key: str, a) -> dict:
                        val_fraction=0.0, rotations=not a.no_rotations, ways=5, shots=5, queries=5,
                        batch=a.batch, options=options, precision="fp32", seed=a.seed)
     cfg.train.lr, cfg.train.schedule, cfg.train.grad_clip = a.lr, "none", 10.0
-    cfg.train.val_every, cfg.train.time_limit_s = 0, a.minutes * 60
-    cfg.train.episodes, cfg.train.ckpt_every = 10 ** 7, 10 ** 7
+    cfg.train.val_every, cfg.train.ckpt_every = 0, 10 ** 7
+    cfg.train.time_limit_s = a.minutes * 60
+    cfg.train.episodes = a.steps or 10 ** 7
     t0 = time.time()
     run = fs.fit(cfg, Path(a.out) / key, progress=False, overwrite=True)
     res = run.train_result
@@ -73,7 +74,8 @@ def render(rows: list) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=20.0, help="training budget of each row")
+    ap.add_argument("--minutes", type=float, default=20.0, help="training time budget of each row (0: none)")
+    ap.add_argument("--steps", type=int, default=0, help="at most this many training steps (0: no limit)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated: " + ", ".join(ROWS))
     ap.add_argument("--data", default=str(OMNIGLOT))
     ap.add_argument("--size", type=int, default=20, help="image side (the paper: 20)")
@@ -108,7 +110,9 @@ def main() -> None:
     todo = [k for k in keys if k not in done]
     print(f"machine: {machine()}; {len(todo)} row(s) to train, {a.jobs} at a time, {a.threads} thread(s) "
           f"each, {a.minutes} min each", flush=True)
-    passed = ["--minutes", str(a.minutes), "--data", a.data, "--size", str(a.size), "--batch", str(a.batch),
+    if not a.minutes and not a.steps:
+        sys.exit("give a budget: --minutes, --steps or both")
+    passed = ["--minutes", str(a.minutes), "--steps", str(a.steps), "--data", a.data, "--size", str(a.size), "--batch", str(a.batch),
               "--lr", str(a.lr), "--options", a.options, "--seed", str(a.seed), "--episodes", str(a.episodes),
               "--out", str(out), "--results", str(results), "--threads", str(a.threads)]
     if a.no_rotations:
@@ -117,10 +121,12 @@ def main() -> None:
     rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()] if results.exists() else []
     order = {k: i for i, k in enumerate(ROWS)}
     rows = sorted({r["key"]: r for r in rows if r["key"] in keys}.values(), key=lambda r: order[r["key"]])
+    budget = " and ".join(b for b in (f"{a.minutes} min" if a.minutes else "", f"{a.steps} steps" if a.steps else "")
+                          if b)
     print()
     print(f"Omniglot small background sets, {a.size}x{a.size} flattened, held-out alphabets "
           f"{' + '.join(TEST_ALPHABETS)}: accuracy (%) by instance number over {a.episodes} sequences of "
-          f"5 classes x 10 drawings; every row trained {a.minutes} min, {a.jobs} rows at a time x "
+          f"5 classes x 10 drawings; every row trained {budget}, {a.jobs} rows at a time x "
           f"{a.threads} thread(s); chance 20%")
     print(render(rows))
     if failed:

@@ -49,6 +49,33 @@ def assert_one_line_error(rc, err: str, *fragments: str) -> str:
     return lines[0]
 
 
+def cli_roundtrip(capsys, run: Path, image_root: Path, method: str, *options, shots: int = 1,
+                  query: tuple = (1, 3)) -> str:
+    """Train ``method`` (with its ``options``) for 3 tiny 3-way episodes on the image-folder fixture through
+    the CLI, then eval it 3-way 2-shot, predict the ``query`` = (class, file) image from a folder of
+    ``shots`` labelled images per class, and plot; asserts each command works and returns plot's stdout."""
+    from conftest import support_folder
+    rc, out, err = run_cli(capsys, "train", method, "--data", image_root, "--size", "16", "--ways", "3",
+                           "--shots", str(shots), "--queries", "2", "--episodes", "3", "--split", "fraction:0.5",
+                           "--val-every", "0", *options, "--test-ways", "3", "--test-queries", "2",
+                           "--test-episodes", "10", "--no-progress", "--out", run)
+    assert rc == 0, err
+    assert "test accuracy:" in out and "3-way 1-shot" in out
+    rc, out, err = run_cli(capsys, "eval", run, "--ways", "3", "--shots", "2", "--queries", "2", "--episodes", "10",
+                           "--no-progress")
+    assert rc == 0 and "3-way 2-shot" in out, err
+    sup = run.parent / f"{run.name}-support"
+    classes = support_folder(image_root, sup, shots=shots)
+    rc, out, err = run_cli(capsys, "predict", run, "--support", sup,
+                           "--query", sorted(classes[query[0]].iterdir())[query[1]], "--no-progress")
+    assert rc == 0, err
+    assert out.split("\t")[1] in {c.name for c in classes}
+    rc, out, err = run_cli(capsys, "plot", run, "--classes", "4", "--no-progress")
+    assert rc == 0, err
+    assert (run / "plots" / "tsne_test_classes.png").stat().st_size > 5_000
+    return out
+
+
 @pytest.fixture(scope="module")
 def trained(image_root: Path, tmp_path_factory) -> tuple:
     """One small run trained through the CLI on the image-folder fixture: (run dir, stdout)."""

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import learn_on_nuisance, support_folder
+from conftest import learn_on_nuisance
 from fewshot import methods
 from fewshot.errors import FewshotError
 from fewshot.methods.gaussian import TRANSFORMS, InverseCovariance, gaussian_distance, gaussian_prototypes
 
-from test_cli import run_cli
+from test_cli import cli_roundtrip, run_cli
 
 
 def softplus(v: float) -> float:
@@ -190,26 +190,8 @@ def test_learns_held_out_classes() -> None:
 
 
 def test_cli_train_eval_predict_plot(capsys, tmp_path: Path, image_root: Path) -> None:
-    run = tmp_path / "g"
-    rc, out, err = run_cli(capsys, "train", "gaussian", "--data", image_root, "--size", "16", "--ways", "3",
-                           "--shots", "2", "--queries", "2", "--episodes", "3", "--split", "fraction:0.5",
-                           "--val-every", "0", "--hidden", "8", "--embedding", "8", "--covariance", "diagonal",
-                           "--transform", "learned", "--test-ways", "3", "--test-queries", "2",
-                           "--test-episodes", "10", "--no-progress", "--out", run)
-    assert rc == 0, err
-    assert "test accuracy:" in out and "3-way 1-shot" in out
-    rc, out, err = run_cli(capsys, "eval", run, "--ways", "3", "--shots", "2", "--queries", "2", "--episodes", "10",
-                           "--no-progress")
-    assert rc == 0 and "3-way 2-shot" in out, err
-    sup = tmp_path / "support"
-    classes = support_folder(image_root, sup, shots=2)
-    rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", sorted(classes[1].iterdir())[3],
-                           "--no-progress")
-    assert rc == 0, err
-    assert out.split("\t")[1] in {c.name for c in classes}
-    rc, out, err = run_cli(capsys, "plot", run, "--classes", "4", "--no-progress")
-    assert rc == 0, err
-    assert (run / "plots" / "tsne_test_classes.png").stat().st_size > 5_000
+    cli_roundtrip(capsys, tmp_path / "g", image_root, "gaussian", "--hidden", "8", "--embedding", "8",
+                  "--covariance", "diagonal", "--transform", "learned", shots=2)
     rc, _, err = run_cli(capsys, "train", "gaussian", "--data", image_root, "--size", "16", "--episodes", "1",
                          "--transform", "cube", "--no-progress", "--out", tmp_path / "bad")
     assert rc == 2 and "unknown covariance transform 'cube'" in err and "Traceback" not in err

@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import learn_on_nuisance, support_folder
+from conftest import learn_on_nuisance
 from fewshot import methods
 from fewshot.episodes import Episode
 from fewshot.errors import FewshotError
 from fewshot.methods.hallucinate import Hallucinator, hallucination_seeds
 
-from test_cli import run_cli
+from test_cli import cli_roundtrip, run_cli
 
 
 def _pair(shape, **options):
@@ -142,27 +142,10 @@ def test_learns_held_out_classes() -> None:
 
 def test_cli_train_eval_predict_plot(capsys, tmp_path: Path, image_root: Path) -> None:
     run = tmp_path / "h"
-    rc, out, err = run_cli(capsys, "train", "hallucinate", "--data", image_root, "--size", "16", "--ways", "3",
-                           "--shots", "1", "--queries", "2", "--episodes", "3", "--split", "fraction:0.5",
-                           "--val-every", "0", "--hidden", "8", "--m", "4", "--gen-hidden", "32",
-                           "--test-ways", "3", "--test-queries", "2", "--test-episodes", "10", "--no-progress",
-                           "--out", run)
-    assert rc == 0, err
-    assert "test accuracy:" in out and "3-way 1-shot" in out
-    rc, out, err = run_cli(capsys, "eval", run, "--ways", "3", "--shots", "2", "--queries", "2", "--episodes", "10",
-                           "--no-progress")
-    assert rc == 0 and "3-way 2-shot" in out, err
-    rc, again, err = run_cli(capsys, "eval", run, "--ways", "3", "--shots", "2", "--queries", "2",
-                             "--episodes", "10", "--no-progress")
-    assert again == out                                       # deterministic evaluation
-    sup = tmp_path / "support"
-    classes = support_folder(image_root, sup)
-    rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", sorted(classes[2].iterdir())[1],
-                           "--no-progress")
-    assert rc == 0, err
-    assert out.split("\t")[1] in {c.name for c in classes}
-    rc, out, err = run_cli(capsys, "plot", run, "--classes", "4", "--no-progress")
-    assert rc == 0, err
+    out = cli_roundtrip(capsys, run, image_root, "hallucinate", "--hidden", "8", "--m", "4", "--gen-hidden", "32",
+                        query=(2, 1))
     pic = run / "plots" / "tsne_hallucinated.png"
     assert str(pic) in out and pic.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and pic.stat().st_size > 10_000
-    assert (run / "plots" / "tsne_test_classes.png").is_file()
+    evals = [run_cli(capsys, "eval", run, "--ways", "3", "--shots", "2", "--queries", "2", "--episodes", "10",
+                     "--no-progress") for _ in range(2)]
+    assert evals[0][0] == 0 and evals[0][1] == evals[1][1]                  # deterministic evaluation

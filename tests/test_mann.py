@@ -96,12 +96,15 @@ def test_read_by_content_addressing_by_hand() -> None:
         assert r[0, h].tolist() == pytest.approx(want_r, abs=1e-6)
 
 
-def test_one_full_memory_step_matches_plain_loops() -> None:
+@pytest.mark.parametrize("add_vector", [False, True])
+def test_one_full_memory_step_matches_plain_loops(add_vector: bool) -> None:
     """MANN.step: the least-used slots come from the previous usage, each head writes sigmoid(alpha) of its
-    previous read weights plus the rest at its least-used slot (zeroed first), reads the updated memory."""
+    previous read weights plus the rest at its least-used slot (zeroed first), reads the updated memory.
+    What is written is the key k_t (the paper) or, with add_vector, a separate a_t = tanh(W_a h_t)."""
     torch.manual_seed(0)
     N, W, H, gamma, beta = 4, 2, 2, 0.9, 2.0
-    m = build("mann", (4,), controller=3, slots=N, width=W, heads=H, decay=gamma, key_strength=beta, classes=5)
+    m = build("mann", (4,), controller=3, slots=N, width=W, heads=H, decay=gamma, key_strength=beta, classes=5,
+              add_vector=add_vector)
     mem = torch.randn(1, N, W)
     usage = torch.tensor([[0.3, 0.1, 0.7, 0.1]])
     read_w = torch.softmax(torch.randn(1, H, N), -1)
@@ -112,12 +115,13 @@ def test_one_full_memory_step_matches_plain_loops() -> None:
         logits, s2 = m.step(feat, prev, s)
         h, _ = m.lstm(torch.cat([feat, prev, reads.flatten(1)], -1), (s.h, s.c))
         k = torch.tanh(m.key(h)).view(H, W).numpy().astype(np.float64)
+        v = torch.tanh(m.add(h)).view(H, W).numpy().astype(np.float64) if add_vector else k
         a = m.gate(h)[0].tolist()
     lu = [1, 3]                   # usages 0.1 (slot 1) and 0.1 (slot 3) are the two smallest; ties by index
     M0, rw = mem[0].numpy().astype(np.float64), read_w[0].numpy().astype(np.float64)
     ww = [[_sig(a[hh]) * rw[hh][i] + (1 - _sig(a[hh])) * (1.0 if i == lu[hh] else 0.0) for i in range(N)]
           for hh in range(H)]
-    M1 = [[(0.0 if i in lu else M0[i][j]) + sum(ww[hh][i] * k[hh][j] for hh in range(H)) for j in range(W)]
+    M1 = [[(0.0 if i in lu else M0[i][j]) + sum(ww[hh][i] * v[hh][j] for hh in range(H)) for j in range(W)]
           for i in range(N)]
     wr, r = [], []
     for hh in range(H):

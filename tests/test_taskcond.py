@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import learn_on_nuisance, make_nuisance, support_folder
+from conftest import learn_on_nuisance, make_nuisance
 from fewshot import methods
 from fewshot.episodes import Episode, EpisodeSampler
 from fewshot.errors import FewshotError
 from fewshot.methods.protonet import distance, prototypes
 from fewshot.methods.taskcond import task_statistics
 
-from test_cli import run_cli
+from test_cli import cli_roundtrip
 
 # one task, 1-D features: class 0 = {1, 3}, class 1 = {6, 10}
 H = torch.tensor([[[1.], [3.], [6.], [10.]]])
@@ -128,22 +128,5 @@ def test_learns_held_out_classes() -> None:
 
 
 def test_cli_train_eval_predict_plot(capsys, tmp_path: Path, image_root: Path) -> None:
-    run = tmp_path / "t"
-    rc, out, err = run_cli(capsys, "train", "taskcond", "--data", image_root, "--size", "16", "--ways", "3",
-                           "--shots", "2", "--queries", "2", "--episodes", "3", "--split", "fraction:0.5",
-                           "--val-every", "0", "--hidden", "8", "--label-aware", "true", "--test-ways", "3",
-                           "--test-queries", "2", "--test-episodes", "10", "--no-progress", "--out", run)
-    assert rc == 0, err
-    assert "test accuracy:" in out and "3-way 1-shot" in out
-    rc, out, err = run_cli(capsys, "eval", run, "--ways", "3", "--shots", "2", "--queries", "2", "--episodes", "10",
-                           "--no-progress")
-    assert rc == 0 and "3-way 2-shot" in out, err
-    sup = tmp_path / "support"
-    classes = support_folder(image_root, sup, shots=2)
-    rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", sorted(classes[0].iterdir())[4],
-                           "--no-progress")
-    assert rc == 0, err
-    assert out.split("\t")[1] in {c.name for c in classes}
-    rc, out, err = run_cli(capsys, "plot", run, "--classes", "4", "--no-progress")
-    assert rc == 0, err
-    assert (run / "plots" / "tsne_test_classes.png").stat().st_size > 5_000
+    cli_roundtrip(capsys, tmp_path / "t", image_root, "taskcond", "--hidden", "8", "--label-aware", "true",
+                  shots=2, query=(0, 4))

@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from ..errors import FewshotError
-from .dataset import ClassDataset, cached
+from .dataset import ClassDataset, cached, env_data_root
 from .images import Preprocess, as_size
 from .omniglot import file_digest
 
@@ -206,14 +206,8 @@ def cifar100(root: str | os.PathLike | None = None, size=NATIVE_SIZE, cache=None
 
 
 def default_root() -> Path:
-    env = os.environ.get("FEWSHOT_DATA")
-    if not env:
-        raise FewshotError("no CIFAR-100 path given: pass --data PATH or set FEWSHOT_DATA")
-    p = Path(env)
-    for sub in ("cifar100", "cifar-100", FOLDER):
-        if (p / sub).exists():
-            return p / sub
-    return p
+    """``FEWSHOT_DATA`` (or its ``cifar100``, ``cifar-100`` or ``cifar-100-python`` subfolder)."""
+    return env_data_root("CIFAR-100", ("cifar100", "cifar-100", FOLDER))
 
 
 def download_archive(root: str | os.PathLike, timeout: float = 20.0) -> Path:

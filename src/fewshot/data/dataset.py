@@ -244,6 +244,19 @@ def _fingerprint(sources: Sequence[Path], params: dict) -> str:
     return h.hexdigest()[:16]
 
 
+def env_data_root(what: str, subfolders: Sequence[str]) -> Path:
+    """The data root from ``FEWSHOT_DATA`` for a data set named ``what``: the first of ``subfolders`` that
+    exists under it, or the variable's path itself; a one-line error when the variable is not set."""
+    env = os.environ.get("FEWSHOT_DATA")
+    if not env:
+        raise FewshotError(f"no {what} path given: pass --data PATH or set FEWSHOT_DATA")
+    p = Path(env)
+    for sub in subfolders:
+        if (p / sub).exists():
+            return p / sub
+    return p
+
+
 def cached(sources: Sequence[Path], params: dict, build, tag: str, cache: str | os.PathLike | bool | None = None
            ) -> ClassDataset:
     """Load a dataset decoded earlier from ``sources`` with ``params``, or build and cache it.

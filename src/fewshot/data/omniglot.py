@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 
 from ..errors import FewshotError
-from .dataset import ClassDataset, cached
+from .dataset import ClassDataset, cached, env_data_root
 from .images import Preprocess, as_size, is_image_file, load_image
 from .safezip import open_zip
 
@@ -158,11 +158,8 @@ def omniglot(root: str | os.PathLike | None = None, split: str = "auto", size=DE
 
 
 def default_root() -> Path:
-    env = os.environ.get("FEWSHOT_DATA")
-    if not env:
-        raise FewshotError("no Omniglot path given: pass --data PATH or set FEWSHOT_DATA")
-    p = Path(env)
-    return p / "omniglot" if (p / "omniglot").is_dir() else p
+    """``FEWSHOT_DATA`` (or its ``omniglot`` subfolder)."""
+    return env_data_root("Omniglot", ("omniglot",))
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

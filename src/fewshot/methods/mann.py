@@ -25,7 +25,9 @@ Memory (N slots of width W, LRU access, §3 of the paper; indices i over slots, 
   takes the h-th least-used slot as its one-hot w^lu (the heads' one-hots sum to the paper's w^lu_{t-1}),
   so heads never write their least-used share onto the same row;
 - before writing, the rows marked by w^lu_{t-1} are set to zero (the single least-used row with one head);
-  then M_t(i) = M_{t-1}(i) + sum_heads w^w_t(i) k_t, and the reads of step t use M_t.
+  then M_t(i) = M_{t-1}(i) + sum_heads w^w_t(i) k_t, and the reads of step t use M_t. The paper writes
+  the read key k_t itself; ``add_vector`` writes a separate a_t = tanh(W_a h_t) per head instead (as the
+  NTM's add vector), so what is stored need not be what the step looks up.
 
 Output: p_t = softmax(W_o [h_t, r_t_1..r_t_H] + b) for MANN, softmax(W_o h_t + b) for the LSTM baseline
 (``memory: false`` or the registered name ``mann-lstm``). Paper sizes: LSTM of 200 units, memory 128 x 40,
@@ -165,6 +167,7 @@ class MANN(Method):
         decay: float = 0.95             #: usage decay gamma
         key_strength: float = 1.0       #: beta of the content read (the paper: plain softmax of cosines)
         learn_strength: bool = False    #: emit beta_t = softplus(.) per head from the controller instead
+        add_vector: bool = False        #: write a separate a_t = tanh(W_a h_t) (the paper writes the key k_t)
         encoder: str = "flat"           #: flat (pixels, as the paper) | conv4 (small conv encoder)
         hidden: int = 32                #: conv4 channels
         query_label: str = "last"       #: previous-label input of a query step: last support label | zero
@@ -204,6 +207,8 @@ class MANN(Method):
             self.gate = nn.Linear(c.controller, c.heads)
             if c.learn_strength:
                 self.strength = nn.Linear(c.controller, c.heads)
+            if c.add_vector:
+                self.add = nn.Linear(c.controller, c.heads * c.width)
         self.out = nn.Linear(c.controller + reads, c.classes)
 
     # ---- recurrence
@@ -233,7 +238,8 @@ class MANN(Method):
             beta = torch.full((B, c.heads), float(c.key_strength), device=h.device)
         lu_slots, w_lu = least_used(s.usage, c.heads)                   # from w^u_{t-1}
         w_w = write_weights(alpha, s.read_w, lu_slots)
-        memory = write_memory(zero_rows(s.memory, w_lu), w_w, keys)
+        values = torch.tanh(self.add(h)).view(B, c.heads, c.width) if c.add_vector else keys
+        memory = write_memory(zero_rows(s.memory, w_lu), w_w, values)
         w_r, reads = read_memory(memory, keys, beta)
         usage = usage_update(s.usage, w_r, w_w, c.decay)
         if trace is not None:
