@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(OMNIGLOT))
     ap.add_argument("--out", default=None)
     ap.add_argument("--minutes", type=float, default=None, help="override the recipe's training time limit")
+    ap.add_argument("--episodes", type=int, default=None,
+                    help="override the recipe's meta-step count (a linear schedule anneals over it)")
     ap.add_argument("--test-episodes", type=int, default=1000)
     a = ap.parse_args()
     recipe = a.recipe or str(ROOT / "recipes" / f"{a.method}_omniglot_small.yaml")
@@ -34,6 +36,8 @@ def main() -> None:
     cfg.data = a.data
     if a.minutes:
         cfg.train.time_limit_s = a.minutes * 60
+    if a.episodes:
+        cfg.train.episodes = a.episodes
     run, wall = fit_fresh(cfg, Path(a.out or ROOT / "runs" / f"bench_omniglot_{a.method}"))
     train_s, steps = run.train_result.train_time_s, run.train_result.steps
     print(f"trained {steps} meta-steps of {cfg.batch} tasks: {train_s / 60:.1f} min of training "

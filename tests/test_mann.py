@@ -96,15 +96,16 @@ def test_read_by_content_addressing_by_hand() -> None:
         assert r[0, h].tolist() == pytest.approx(want_r, abs=1e-6)
 
 
-@pytest.mark.parametrize("add_vector", [False, True])
-def test_one_full_memory_step_matches_plain_loops(add_vector: bool) -> None:
+@pytest.mark.parametrize("paper", [True, False])
+def test_one_full_memory_step_matches_plain_loops(paper: bool) -> None:
     """MANN.step: the least-used slots come from the previous usage, each head writes sigmoid(alpha) of its
     previous read weights plus the rest at its least-used slot (zeroed first), reads the updated memory.
-    What is written is the key k_t (the paper) or, with add_vector, a separate a_t = tanh(W_a h_t)."""
+    The paper's form writes the key k_t and reads with a fixed strength; the default writes a separate
+    a_t = tanh(W_a h_t) and reads with a learned strength beta_t = softplus(W_b h_t) per head."""
     torch.manual_seed(0)
     N, W, H, gamma, beta = 4, 2, 2, 0.9, 2.0
     m = build("mann", (4,), controller=3, slots=N, width=W, heads=H, decay=gamma, key_strength=beta, classes=5,
-              add_vector=add_vector)
+              add_vector=not paper, learn_strength=not paper)
     mem = torch.randn(1, N, W)
     usage = torch.tensor([[0.3, 0.1, 0.7, 0.1]])
     read_w = torch.softmax(torch.randn(1, H, N), -1)
@@ -115,7 +116,8 @@ def test_one_full_memory_step_matches_plain_loops(add_vector: bool) -> None:
         logits, s2 = m.step(feat, prev, s)
         h, _ = m.lstm(torch.cat([feat, prev, reads.flatten(1)], -1), (s.h, s.c))
         k = torch.tanh(m.key(h)).view(H, W).numpy().astype(np.float64)
-        v = torch.tanh(m.add(h)).view(H, W).numpy().astype(np.float64) if add_vector else k
+        v = k if paper else torch.tanh(m.add(h)).view(H, W).numpy().astype(np.float64)
+        betas = [beta] * H if paper else [math.log1p(math.exp(z)) for z in m.strength(h)[0].tolist()]
         a = m.gate(h)[0].tolist()
     lu = [1, 3]                   # usages 0.1 (slot 1) and 0.1 (slot 3) are the two smallest; ties by index
     M0, rw = mem[0].numpy().astype(np.float64), read_w[0].numpy().astype(np.float64)
@@ -127,7 +129,7 @@ def test_one_full_memory_step_matches_plain_loops(add_vector: bool) -> None:
     for hh in range(H):
         cos = [sum(k[hh][j] * M1[i][j] for j in range(W)) / (math.sqrt(sum(v * v for v in k[hh]))
                * max(math.sqrt(sum(v * v for v in M1[i])), 1e-8)) for i in range(N)]
-        e = [math.exp(beta * c) for c in cos]
+        e = [math.exp(betas[hh] * c) for c in cos]
         wr.append([v / sum(e) for v in e])
         r.append([sum(wr[hh][i] * M1[i][j] for i in range(N)) for j in range(W)])
     u1 = [gamma * float(usage[0, i]) + sum(wr[hh][i] + ww[hh][i] for hh in range(H)) for i in range(N)]

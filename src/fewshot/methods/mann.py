@@ -13,9 +13,9 @@ of the previous step) gives h_t; each head h emits a key k_t = tanh(W_k h_t) and
 
 Memory (N slots of width W, LRU access, §3 of the paper; indices i over slots, one key per head):
 
-- read by content: w^r_t(i) = softmax_i(beta K(k_t, M_t(i))), K the cosine similarity, beta = 1 in the
-  paper (``key_strength``; ``learn_strength`` emits beta_t = softplus(W_b h_t) per head as in the NTM),
-  r_t = sum_i w^r_t(i) M_t(i);
+- read by content: w^r_t(i) = softmax_i(beta_t K(k_t, M_t(i))), K the cosine similarity, beta_t =
+  softplus(W_b h_t) per head as in the NTM (``learn_strength``, the default) or a fixed ``key_strength``
+  (the paper: beta = 1), r_t = sum_i w^r_t(i) M_t(i);
 - usage: w^u_t = gamma w^u_{t-1} + sum_heads w^r_t + sum_heads w^w_t (``decay`` = gamma);
 - least used: w^lu_t(i) = 1 if w^u_t(i) <= m(w^u_t, n) else 0, m(v, n) the n-th smallest entry of v and
   n = the number of read heads. Ties: exactly n slots are marked, the slots being ordered by usage and,
@@ -25,9 +25,17 @@ Memory (N slots of width W, LRU access, §3 of the paper; indices i over slots, 
   takes the h-th least-used slot as its one-hot w^lu (the heads' one-hots sum to the paper's w^lu_{t-1}),
   so heads never write their least-used share onto the same row;
 - before writing, the rows marked by w^lu_{t-1} are set to zero (the single least-used row with one head);
-  then M_t(i) = M_{t-1}(i) + sum_heads w^w_t(i) k_t, and the reads of step t use M_t. The paper writes
-  the read key k_t itself; ``add_vector`` writes a separate a_t = tanh(W_a h_t) per head instead (as the
-  NTM's add vector), so what is stored need not be what the step looks up.
+  then M_t(i) = M_{t-1}(i) + sum_heads w^w_t(i) a_t, and the reads of step t use M_t. a_t = tanh(W_a h_t)
+  is a separate add vector per head (``add_vector``, the default, as the NTM's add vector); the paper
+  writes the read key itself, a_t = k_t (``add_vector: false``).
+
+Why the defaults differ from the paper's letter (``--learn-strength false --add-vector false`` gives the
+paper's exact model). With beta = 1 a softmax over 128 cosines in [-1, 1] cannot single out one slot
+(a perfect match gets at most e^2 ~ 7 times the weight of the worst), and a written key is always the
+best match of the step's own read. On held-out Omniglot classes (benchmarks/mann_omniglot.py, one CPU
+thread) the paper's form had not started to bind labels after about 2 000 steps of 16 sequences, nor had
+the learned strength alone after 1 300, while the two together did within about 1 100 steps: BENCHMARKS.md
+has the numbers.
 
 Output: p_t = softmax(W_o [h_t, r_t_1..r_t_H] + b) for MANN, softmax(W_o h_t + b) for the LSTM baseline
 (``memory: false`` or the registered name ``mann-lstm``). Paper sizes: LSTM of 200 units, memory 128 x 40,
@@ -165,9 +173,9 @@ class MANN(Method):
         width: int = 40                 #: memory row width W
         heads: int = 4                  #: read heads (= the number n of least-used slots)
         decay: float = 0.95             #: usage decay gamma
-        key_strength: float = 1.0       #: beta of the content read (the paper: plain softmax of cosines)
-        learn_strength: bool = False    #: emit beta_t = softplus(.) per head from the controller instead
-        add_vector: bool = False        #: write a separate a_t = tanh(W_a h_t) (the paper writes the key k_t)
+        key_strength: float = 1.0       #: fixed beta of the content read when learn_strength is false (paper: 1)
+        learn_strength: bool = True     #: emit beta_t = softplus(.) per head (false: the paper's fixed beta)
+        add_vector: bool = True         #: write a separate a_t = tanh(W_a h_t) (false: the paper writes k_t)
         encoder: str = "flat"           #: flat (pixels, as the paper) | conv4 (small conv encoder)
         hidden: int = 32                #: conv4 channels
         query_label: str = "last"       #: previous-label input of a query step: last support label | zero
