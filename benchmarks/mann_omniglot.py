@@ -1,12 +1,12 @@
 """MANN (LRU access, Santoro et al. 2016) next to its LSTM baseline on Omniglot characters never seen.
 
-Both rows train for the same wall-clock budget (``--minutes``) on the episode protocol of the paper:
-sequences of 5 classes x 10 drawings (50 steps; the image at step t comes with the label of step t-1,
-labels shuffled per sequence) from every alphabet of images_background_small1/2 except Korean and Tagalog,
-images downscaled to 20x20 and flattened, rotations by multiples of 90 degrees as new training classes. Then
-each reports accuracy by instance number (the k-th time a class appears in its sequence; 1st, 2nd, 3rd,
-5th, 10th) +- 95% CI over ``--episodes`` fixed-seed sequences of the 57 Korean and Tagalog characters,
-with the paper's figures (trained for 100 000 episodes) as a reference.
+Rows train for the same wall-clock budget (``--minutes``) or number of steps (``--steps``) on the episode
+protocol of the paper: sequences of 5 classes x 10 drawings (50 steps; the image at step t comes with the
+label of step t-1, labels shuffled per sequence) from every alphabet of images_background_small1/2 except
+Korean and Tagalog, images downscaled to 20x20 and flattened, rotations by multiples of 90 degrees as new
+training classes. Then each reports accuracy by instance number (the k-th time a class appears in its
+sequence; 1st, 2nd, 3rd, 5th, 10th) +- 95% CI over ``--episodes`` fixed-seed sequences of the 57 Korean
+and Tagalog characters, with the paper's figures (trained for 100 000 episodes) as a reference.
 
 Rows run as separate processes, ``--jobs`` at a time with ``--threads`` torch threads each (the default
 2 x 1 fills this 2-core machine), so both train under the same conditions. Results are appended to
@@ -108,17 +108,19 @@ def main() -> None:
     bad = [k for k in keys if k not in ROWS]
     if bad:
         sys.exit(f"unknown row {bad[0]!r}; rows: {', '.join(ROWS)}")
+    if not a.minutes and not a.steps:
+        sys.exit("give a budget: --minutes, --steps or both")
     out.mkdir(parents=True, exist_ok=True)
     if a.fresh and results.exists():
         results.unlink()
     done = {json.loads(l)["key"] for l in results.read_text().splitlines() if l.strip()} if results.exists() else set()
     todo = [k for k in keys if k not in done]
+    budget = " and ".join(b for b in (f"{a.minutes} min" if a.minutes else "", f"{a.steps} steps" if a.steps else "")
+                          if b)
     print(f"machine: {machine()}; {len(todo)} row(s) to train, {a.jobs} at a time, {a.threads} thread(s) "
-          f"each, {a.minutes} min each", flush=True)
-    if not a.minutes and not a.steps:
-        sys.exit("give a budget: --minutes, --steps or both")
-    passed = ["--minutes", str(a.minutes), "--steps", str(a.steps), "--data", a.data, "--size", str(a.size), "--batch", str(a.batch),
-              "--lr", str(a.lr), "--options", a.options, "--seed", str(a.seed), "--episodes", str(a.episodes),
+          f"each, {budget} each", flush=True)
+    passed = ["--minutes", str(a.minutes), "--steps", str(a.steps), "--data", a.data, "--size", str(a.size),
+              "--batch", str(a.batch), "--lr", str(a.lr), "--options", a.options, "--seed", str(a.seed), "--episodes", str(a.episodes),
               "--out", str(out), "--results", str(results), "--threads", str(a.threads)]
     if a.no_rotations:
         passed.append("--no-rotations")
@@ -126,13 +128,11 @@ def main() -> None:
     rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()] if results.exists() else []
     order = {k: i for i, k in enumerate(ROWS)}
     rows = sorted({r["key"]: r for r in rows if r["key"] in keys}.values(), key=lambda r: order[r["key"]])
-    budget = " and ".join(b for b in (f"{a.minutes} min" if a.minutes else "", f"{a.steps} steps" if a.steps else "")
-                          if b)
     print()
     print(f"Omniglot small background sets, {a.size}x{a.size} flattened, held-out alphabets "
           f"{' + '.join(TEST_ALPHABETS)}: accuracy (%) by instance number over {a.episodes} sequences of "
-          f"5 classes x 10 drawings; every row trained {budget}, {a.jobs} rows at a time x "
-          f"{a.threads} thread(s); chance 20%")
+          f"5 classes x 10 drawings; this run: {budget} per row (each row shows its own time and steps), "
+          f"{a.jobs} rows at a time x {a.threads} thread(s); chance 20%")
     print(render(rows))
     if failed:
         print(f"failed rows (see {out}/ROW.log): {', '.join(failed)}")
