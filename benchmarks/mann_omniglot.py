@@ -120,8 +120,9 @@ def main() -> None:
     print(f"machine: {machine()}; {len(todo)} row(s) to train, {a.jobs} at a time, {a.threads} thread(s) "
           f"each, {budget} each", flush=True)
     passed = ["--minutes", str(a.minutes), "--steps", str(a.steps), "--data", a.data, "--size", str(a.size),
-              "--batch", str(a.batch), "--lr", str(a.lr), "--options", a.options, "--seed", str(a.seed), "--episodes", str(a.episodes),
-              "--out", str(out), "--results", str(results), "--threads", str(a.threads)]
+              "--batch", str(a.batch), "--lr", str(a.lr), "--options", a.options, "--seed", str(a.seed),
+              "--episodes", str(a.episodes), "--out", str(out), "--results", str(results),
+              "--threads", str(a.threads)]
     if a.no_rotations:
         passed.append("--no-rotations")
     failed = run_row_processes(__file__, todo, passed, out, a.jobs, a.threads)
