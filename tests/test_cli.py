@@ -109,6 +109,10 @@ def test_methods(capsys) -> None:
 def test_help(capsys, cmd: list) -> None:
     rc, out, err = run_cli(capsys, *cmd, "--help")
     assert rc == 0 and out.startswith("usage: fewshot") and not err
+    if cmd == ["train"]:          # flags are described by their fields' comments, method options name owners
+        flat = " ".join(out.split())
+        assert "stop once this much training time has passed" in flat
+        assert "sqeuclidean | euclidean | cosine | dot [hallucinate, protonet]; euclidean | cosine [siamese]" in flat
 
 
 def test_version_and_no_command(capsys) -> None:

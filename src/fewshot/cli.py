@@ -40,9 +40,38 @@ def _size(v: str):
     raise argparse.ArgumentTypeError(f"size must be N or HxW, got {v!r}")
 
 
-def _add_dataclass_options(parser, cls, dest_prefix: str, skip=()) -> None:
-    """One --flag per dataclass field (underscores become dashes); defaults stay None = 'not given'."""
+def field_docs(cls) -> dict:
+    """The ``#:`` comment written after each field of a dataclass and of its dataclass bases, by field name
+    (a subclass's comment wins); fields without one are left out. Classes whose source cannot be read
+    (built at run time) contribute nothing; their bases still do."""
+    import inspect
+    import re
+    docs: dict = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            src = inspect.getsource(klass)
+        except (OSError, TypeError):
+            continue
+        above: list = []                       # "#:" lines just before a field document it too
+        for line in src.splitlines():
+            m = re.match(r"^\s+(\w+)\s*:[^#]*?(?:#:\s*(.+))?$", line)
+            if line.strip().startswith("#:"):
+                above.append(line.strip()[2:].strip())
+                continue
+            if m and (m.group(2) or above):
+                docs[m.group(1)] = (m.group(2) or " ".join(above)).strip()
+            above = []
+    return docs
+
+
+def _add_dataclass_options(parser, cls, dest_prefix: str, skip=(), help_text: bool = True) -> None:
+    """One --flag per dataclass field (underscores become dashes); defaults stay None = 'not given'.
+    ``help_text``: describe each flag with its field's ``#:`` comment (reading sources costs ~0.5 s, so the
+    CLI asks for it only when help is printed)."""
     hints = typing.get_type_hints(cls)
+    docs = field_docs(cls) if help_text else {}
     for f in dataclasses.fields(cls):
         if f.name in skip:
             continue
@@ -60,11 +89,12 @@ def _add_dataclass_options(parser, cls, dest_prefix: str, skip=()) -> None:
             kw = {"type": str}
         kw.setdefault("metavar", f.name.upper())
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
+        doc = docs.get(f.name, "").replace("%", "%%")
         parser.add_argument("--" + f.name.replace("_", "-"), dest=dest_prefix + f.name, default=None,
-                            help=f"(default: {default})", **kw)
+                            help=f"{doc} (default: {default})".strip(), **kw)
 
 
-def _train_parser(sub) -> None:
+def _train_parser(sub, help_text: bool = True) -> None:
     from . import methods
     from .config import RunConfig
     from .train import TrainConfig
@@ -85,25 +115,29 @@ def _train_parser(sub) -> None:
     p.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE",
                    help="a method option (repeatable), e.g. -O distance=cosine")
     g = p.add_argument_group("run")
-    _add_dataclass_options(g, RunConfig, "run_", skip=("method", "options", "train", "augment", "size"))
+    _add_dataclass_options(g, RunConfig, "run_", skip=("method", "options", "train", "augment", "size"),
+                           help_text=help_text)
     g.add_argument("--size", dest="run_size", type=_size, default=None, help="image size N or HxW (default: 28)")
     g.add_argument("--augment", dest="run_augment", choices=["none", "affine"], default=None,
                    help="batch augmentation (default: none)")
     g.add_argument("--affine-degrees", type=float, default=None)
     g.add_argument("--affine-translate", type=float, default=None)
     tg = p.add_argument_group("training")
-    _add_dataclass_options(tg, TrainConfig, "train_", skip=("precision", "channels_last", "seed"))
-    mg = p.add_argument_group("method options (apply to the method that has them)")
-    seen = set()
+    _add_dataclass_options(tg, TrainConfig, "train_", skip=("precision", "channels_last", "seed"),
+                           help_text=help_text)
+    mg = p.add_argument_group("method options (apply to the method that has them; defaults: "
+                              "`fewshot methods -v`)")
+    meanings: dict = {}                      # option -> {its description: [methods that have it]}
     for name in methods.available():
         cls = methods.get(name)
+        docs = field_docs(cls.Config) if help_text else {}
         for f in dataclasses.fields(cls.Config):
-            if f.name in seen:
-                continue
-            seen.add(f.name)
-    for name in sorted(seen):
-        mg.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, default=None,
-                        metavar=name.upper(), help="method option")
+            meanings.setdefault(f.name, {}).setdefault(docs.get(f.name, "method option"), []).append(name)
+    for name in sorted(meanings):
+        parts = [f"{doc} [{', '.join(who) if len(who) <= 3 else f'{len(who)} methods'}]"
+                 for doc, who in sorted(meanings[name].items(), key=lambda kv: -len(kv[1]))]
+        mg.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, default=None, metavar=name.upper(),
+                        help="; ".join(parts).replace("%", "%%"))
     p.set_defaults(func=cmd_train)
 
 
@@ -268,12 +302,13 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fewshot: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(help_text: bool = True) -> argparse.ArgumentParser:
+    """The ``fewshot`` parser; ``help_text=False`` skips reading the option descriptions from the sources."""
     from . import __version__
     p = _Parser(prog="fewshot", description="Few-shot and meta-learning on PyTorch.")
     p.add_argument("--version", action="version", version=f"fewshot {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    _train_parser(sub)
+    _train_parser(sub, help_text)
 
     e = sub.add_parser("eval", help="accuracy ± 95%% CI on held-out classes, or Lake's one-shot runs",
                        description="Evaluate a run on fixed-seed episodes from held-out classes (the run's "
@@ -324,7 +359,8 @@ def _common(p) -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(help_text=any(str(a) in ("-h", "--help") for a in argv))
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

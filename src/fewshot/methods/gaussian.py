@@ -111,7 +111,7 @@ class GaussianProtoNet(Method):
         backbone: str = "auto"          #: conv4 for images, mlp for vectors
         hidden: int = 64                #: channels of the first three conv layers
         embedding: int = 64             #: D: embedding channels of the last conv layer (mlp: output size)
-        mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
+        mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])  #: mlp hidden sizes
         covariance: str = "radius"      #: radius (1 number per image) | diagonal (D numbers)
         transform: str = "softplus"     #: softplus | sigmoid | sigmoid4 | learned (raw -> inverse covariance)
         batch_norm: bool = False        #: Fort's encoder has none

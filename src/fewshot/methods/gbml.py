@@ -119,7 +119,7 @@ def _check(value, allowed, what):
 class GradientConfig:
     backbone: str = "auto"          #: conv4 for images, mlp for vectors
     hidden: int = 64                #: conv4 channels
-    mlp_hidden: List[int] = field(default_factory=lambda: [40, 40])
+    mlp_hidden: List[int] = field(default_factory=lambda: [40, 40])  #: mlp hidden sizes
     activation: str = "relu"        #: mlp activation: relu | tanh
     outputs: int = 0                #: head outputs: ways for classification (0: the run's --ways), target size
     bn: str = "transductive"        #: transductive | running (per-step statistics, inductive) | none
@@ -513,8 +513,8 @@ class ADMLConfig(GradientConfig):
     adv_lr: float = 0.0             #: inner step size on adversarial data (alpha2; 0: inner_lr)
     clean_weight: float = 1.0       #: outer weight of the clean-adapted copy on adversarial queries
     adv_weight: float = 1.0         #: outer weight of the adversarially adapted copy on clean queries
-    clip_min: float = 0.0
-    clip_max: float = 1.0
+    clip_min: float = 0.0           #: smallest input value of an adversarial example
+    clip_max: float = 1.0           #: largest input value of an adversarial example
 
 
 @register("adml")

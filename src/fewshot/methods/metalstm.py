@@ -68,7 +68,7 @@ class MetaLSTM(Method):
     class Config:
         backbone: str = "auto"          #: learner: conv4 for images, mlp for vectors
         hidden: int = 32                #: learner conv4 channels (the paper: 32)
-        mlp_hidden: List[int] = field(default_factory=lambda: [40, 40])
+        mlp_hidden: List[int] = field(default_factory=lambda: [40, 40])  #: mlp hidden sizes
         outputs: int = 0                #: learner head size (0: the run's --ways)
         bn: str = "transductive"        #: learner batch norm: transductive (batch statistics) | none
         inner_steps: int = 12           #: T, learner updates on the support (paper: 12 for 1-shot, 5 for 5-shot)
@@ -76,9 +76,9 @@ class MetaLSTM(Method):
         lstm_hidden: int = 20           #: units of the first (standard, coordinate-wise) LSTM layer
         preprocess_p: float = 10.0      #: p of the gradient/loss preprocessing
         forget_bias_min: float = 4.0    #: b_F ~ U(forget_bias_min, forget_bias_max): f starts near 1
-        forget_bias_max: float = 6.0
+        forget_bias_max: float = 6.0    #: upper end of the b_F range
         input_bias_min: float = -5.0    #: b_I ~ U(input_bias_min, input_bias_max): i starts near 0.01
-        input_bias_max: float = -4.0
+        input_bias_max: float = -4.0    #: upper end of the b_I range
 
     run_defaults = {"ways": 5, "shots": 1, "queries": 15, "batch": 4, "val_queries": 15,
                     "train": {"schedule": "none", "lr": 1e-3, "grad_clip": 0.25}}

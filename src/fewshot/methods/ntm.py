@@ -89,8 +89,8 @@ class NTM(SequenceMethod):
         controller: int = 100       #: LSTM controller units
         memory_size: int = 128      #: N, memory slots
         memory_width: int = 20      #: W, width of a slot
-        read_heads: int = 1
-        write_heads: int = 1
+        read_heads: int = 1         #: read heads (each reads one weighted sum of slots)
+        write_heads: int = 1        #: write heads (each erases, then adds)
         shift_range: int = 1        #: allowed shifts -R..R of the location addressing (1: {-1, 0, +1})
         outputs: int = 8            #: output vector size (filled from the task: 8 bits for copy)
 
@@ -112,7 +112,7 @@ class LSTMBaseline(SequenceMethod):
     @dataclass
     class Config:
         hidden: int = 56            #: units per layer (56: about the default NTM's 66k parameters)
-        layers: int = 3
+        layers: int = 3             #: stacked LSTM layers
         outputs: int = 8            #: output vector size (filled from the task: 8 bits for copy)
 
     def __init__(self, config: "LSTMBaseline.Config", in_shape):

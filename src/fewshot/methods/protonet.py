@@ -70,7 +70,7 @@ class EncoderOptions:
     """The embedding-network options shared by the metric methods (their Configs extend this)."""
     backbone: str = "auto"          #: conv4 for images, mlp for vectors, conv1d for feature maps (audio)
     hidden: int = 64                #: conv4 channels
-    mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])
+    mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])  #: mlp hidden sizes
     embedding: int = 64             #: mlp output size
 
 
