@@ -100,3 +100,40 @@ def run_row_processes(script: str, keys: list, row_args: list, out: Path, jobs: 
                 if p.returncode:
                     failed.append(k)
     return failed
+
+
+class RowResults:
+    """Finished benchmark rows in a JSON-lines file, one object with a ``"key"`` per line; a later line for
+    the same key replaces an earlier one. Row processes :meth:`append`; the driver asks what is
+    :meth:`pending`, :meth:`forget`\\ s rows to rerun them, and reads the :meth:`latest` rows for its table."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def rows(self) -> list:
+        if not self.path.exists():
+            return []
+        import json
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l.strip()]
+
+    def append(self, row: dict) -> None:
+        import json
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def forget(self, keys: list) -> None:
+        """Drop the rows of ``keys`` (the others stay)."""
+        import json
+        if self.path.exists():
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self.rows() if r["key"] not in keys))
+
+    def pending(self, keys: list) -> list:
+        """The ``keys`` with no row yet, in order."""
+        done = {r["key"] for r in self.rows()}
+        return [k for k in keys if k not in done]
+
+    def latest(self, order: list, keys: list | None = None) -> list:
+        """The last row of each key (only ``keys`` if given), sorted as ``order`` (unknown keys last)."""
+        pos = {k: i for i, k in enumerate(order)}
+        last = {r["key"]: r for r in self.rows() if keys is None or r["key"] in keys}
+        return sorted(last.values(), key=lambda r: pos.get(r["key"], len(pos)))

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, TEST_ALPHABETS, machine, run_row_processes, table
+from common import OMNIGLOT, ROOT, TEST_ALPHABETS, RowResults, machine, run_row_processes, table
 
 INSTANCES = (1, 2, 3, 5, 10)
 ROWS = {   # key: (label, method, options)
@@ -94,15 +94,13 @@ def main() -> None:
     ap.add_argument("--results", default=None, help="JSON lines file (default: OUT/results.jsonl)")
     ap.add_argument("--jobs", type=int, default=2, help="rows trained at the same time")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per row")
-    ap.add_argument("--fresh", action="store_true", help="rerun rows already in the results file")
+    ap.add_argument("--fresh", action="store_true", help="rerun the selected rows even if the results file has them")
     ap.add_argument("--row", help=argparse.SUPPRESS)   # internal: run one row in this process
     a = ap.parse_args()
     out = Path(a.out)
-    results = Path(a.results or out / "results.jsonl")
+    results = RowResults(a.results or out / "results.jsonl")
     if a.row:
-        row = run_row(a.row, a)
-        with open(results, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        results.append(run_row(a.row, a))
         return
     keys = [k for k in a.rows.split(",") if k]
     bad = [k for k in keys if k not in ROWS]
@@ -111,24 +109,21 @@ def main() -> None:
     if not a.minutes and not a.steps:
         sys.exit("give a budget: --minutes, --steps or both")
     out.mkdir(parents=True, exist_ok=True)
-    if a.fresh and results.exists():
-        results.unlink()
-    done = {json.loads(l)["key"] for l in results.read_text().splitlines() if l.strip()} if results.exists() else set()
-    todo = [k for k in keys if k not in done]
+    if a.fresh:                            # forget the selected rows' earlier results (keep the others)
+        results.forget(keys)
+    todo = results.pending(keys)
     budget = " and ".join(b for b in (f"{a.minutes} min" if a.minutes else "", f"{a.steps} steps" if a.steps else "")
                           if b)
     print(f"machine: {machine()}; {len(todo)} row(s) to train, {a.jobs} at a time, {a.threads} thread(s) "
           f"each, {budget} each", flush=True)
     passed = ["--minutes", str(a.minutes), "--steps", str(a.steps), "--data", a.data, "--size", str(a.size),
               "--batch", str(a.batch), "--lr", str(a.lr), "--options", a.options, "--seed", str(a.seed),
-              "--episodes", str(a.episodes), "--out", str(out), "--results", str(results),
+              "--episodes", str(a.episodes), "--out", str(out), "--results", str(results.path),
               "--threads", str(a.threads)]
     if a.no_rotations:
         passed.append("--no-rotations")
     failed = run_row_processes(__file__, todo, passed, out, a.jobs, a.threads)
-    rows = [json.loads(l) for l in results.read_text().splitlines() if l.strip()] if results.exists() else []
-    order = {k: i for i, k in enumerate(ROWS)}
-    rows = sorted({r["key"]: r for r in rows if r["key"] in keys}.values(), key=lambda r: order[r["key"]])
+    rows = results.latest(list(ROWS), keys)
     print()
     print(f"Omniglot small background sets, {a.size}x{a.size} flattened, held-out alphabets "
           f"{' + '.join(TEST_ALPHABETS)}: accuracy (%) by instance number over {a.episodes} sequences of "

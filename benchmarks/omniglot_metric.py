@@ -17,12 +17,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, machine, run_row_processes, table
+from common import OMNIGLOT, ROOT, RowResults, machine, run_row_processes, table
 
 #: 20 drawings per Omniglot character: semi-supervised rows hold 5 unlabelled images per way, so their test
 #: episodes have 10 queries per way instead of 15 (1 + 10 + 5 and 5 + 10 + 5 images fit in 20).
@@ -119,30 +118,24 @@ def main() -> None:
     ap.add_argument("--row", help=argparse.SUPPRESS)   # internal: run one row in this process
     a = ap.parse_args()
     out = Path(a.out)
-    results = Path(a.results or out / "results.jsonl")
+    results = RowResults(a.results or out / "results.jsonl")
     if a.row:
-        row = run_row(a.row, a.minutes, a.data, out, a.episodes, a.threads)
-        with open(results, "a") as fh:
-            fh.write(json.dumps(row) + "\n")
+        results.append(run_row(a.row, a.minutes, a.data, out, a.episodes, a.threads))
         return
     keys = [k for k in a.rows.split(",") if k]
     bad = [k for k in keys if k not in ROWS]
     if bad:
         sys.exit(f"unknown row {bad[0]!r}; rows: {', '.join(ROWS)}")
     out.mkdir(parents=True, exist_ok=True)
-    if a.fresh and results.exists():       # forget the selected rows' earlier results (keep the others)
-        kept = [l for l in results.read_text().splitlines() if json.loads(l)["key"] not in keys]
-        results.write_text("".join(l + "\n" for l in kept))
-    done = {json.loads(l)["key"] for l in results.read_text().splitlines()} if results.exists() else set()
-    todo = [k for k in keys if k not in done]
+    if a.fresh:                            # forget the selected rows' earlier results (keep the others)
+        results.forget(keys)
+    todo = results.pending(keys)
     print(f"machine: {machine()}; {len(todo)} row(s) to train, {a.jobs} at a time, {a.threads} thread(s) "
           f"each, {a.minutes} min each", flush=True)
-    row_args = ["--minutes", str(a.minutes), "--data", a.data, "--out", str(out), "--results", str(results),
+    row_args = ["--minutes", str(a.minutes), "--data", a.data, "--out", str(out), "--results", str(results.path),
                 "--episodes", str(a.episodes), "--threads", str(a.threads)]
     failed = run_row_processes(__file__, todo, row_args, out, a.jobs, a.threads)
-    rows = [json.loads(l) for l in results.read_text().splitlines()] if results.exists() else []
-    order = {k: i for i, k in enumerate(ROWS)}
-    rows = sorted({r["key"]: r for r in rows}.values(), key=lambda r: order.get(r["key"], len(order)))
+    rows = results.latest(list(ROWS))
     print()
     print(f"Omniglot small background sets, test alphabets Korean + Tagalog (57 classes), {a.episodes} test "
           f"episodes per setting; every row trained {a.minutes} min, {a.jobs} rows at a time x "
