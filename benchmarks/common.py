@@ -76,6 +76,19 @@ def fit_fresh(cfg, out: Path) -> tuple:
     return run, time.time() - t0
 
 
+def evaluate_settings(run, settings, episodes: int, queries: int = 15) -> list:
+    """Evaluate ``run`` at every ``(ways, shots)`` of ``settings`` on ``episodes`` fixed-seed test episodes,
+    printing each result as it comes: ``[(ways, shots, result, seconds), ...]``."""
+    import fewshot as fs
+    out = []
+    for w, k in settings:
+        t = time.time()
+        r = fs.evaluate_run(run, ways=w, shots=k, queries=queries, episodes=episodes, progress=False)
+        print(f"{w}w{k}s: {r}", flush=True)
+        out.append((w, k, r, time.time() - t))
+    return out
+
+
 def run_row_processes(script: str, keys: list, row_args: list, out: Path, jobs: int, threads: int) -> list:
     """Run ``python SCRIPT --row KEY ROW_ARGS...`` for every key, ``jobs`` processes at a time, each with
     ``threads`` OpenMP threads and its output in ``OUT/KEY.log``; returns the keys whose process failed."""

@@ -10,10 +10,9 @@ usage: python benchmarks/omniglot_gbml.py maml [--minutes 55] [--out runs/bench_
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, fit_fresh, table
+from common import OMNIGLOT, ROOT, evaluate_settings, fit_fresh, table
 
 import fewshot as fs
 
@@ -42,12 +41,8 @@ def main() -> None:
     train_s, steps = run.train_result.train_time_s, run.train_result.steps
     print(f"trained {steps} meta-steps of {cfg.batch} tasks: {train_s / 60:.1f} min of training "
           f"({wall / 60:.1f} min wall)", flush=True)
-    rows = []
-    for w, k in SETTINGS:
-        t = time.time()
-        r = fs.evaluate_run(run, ways=w, shots=k, queries=15, episodes=a.test_episodes, progress=False)
-        rows.append([f"{w}-way {k}-shot", f"{r.mean:.2f} ± {r.ci95:.2f}", r.n, f"{time.time() - t:.0f}"])
-        print(f"{w}w{k}s: {r}", flush=True)
+    rows = [[f"{w}-way {k}-shot", f"{r.mean:.2f} ± {r.ci95:.2f}", r.n, f"{sec:.0f}"]
+            for w, k, r, sec in evaluate_settings(run, SETTINGS, a.test_episodes)]
     print()
     o = run.method.config
     print(f"recipe {Path(recipe).name}: {cfg.method}, {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query, "

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, fit_fresh, table
+from common import OMNIGLOT, ROOT, evaluate_settings, fit_fresh, table
 
 import fewshot as fs
 
@@ -36,11 +36,8 @@ def main() -> None:
     train_s, steps = run.train_result.train_time_s, run.train_result.steps
     print(f"trained {steps} steps: {train_s / 60:.1f} min of training steps "
           f"({wall / 60:.1f} min wall including data loading and validation)", flush=True)
-    rows = []
-    for w, k in SETTINGS:
-        r = fs.evaluate_run(run, ways=w, shots=k, queries=15, episodes=a.test_episodes, progress=False)
-        rows.append([f"{w}-way {k}-shot", f"{r.mean:.2f} ± {r.ci95:.2f}", r.n, EASYFSL[(w, k)]])
-        print(f"{w}w{k}s: {r}", flush=True)
+    rows = [[f"{w}-way {k}-shot", f"{r.mean:.2f} ± {r.ci95:.2f}", r.n, EASYFSL[(w, k)]]
+            for w, k, r, _ in evaluate_settings(run, SETTINGS, a.test_episodes)]
     print()
     print(f"recipe {Path(a.recipe).name}: {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query, "
           f"{steps} episodes, precision {cfg.precision}, channels_last {cfg.channels_last}, "
