@@ -31,7 +31,7 @@ from torch import nn
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ..errors import FewshotError
-from ..models.meta import BN_MODES, meta_network
+from ..models.meta import BN_MODES, head_inputs, meta_network
 from . import register
 from .base import Method
 
@@ -450,13 +450,7 @@ class GradientMethod(Method):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Features before the head (for plots), with the meta-learned weights."""
-        feats = {}
-        handle = self.net.head.register_forward_hook(lambda m, inp, out: feats.setdefault("z", inp[0]))
-        try:
-            self.net(x)
-        finally:
-            handle.remove()
-        return feats["z"]
+        return head_inputs(self.net, x)
 
 
 # ----------------------------------------------------------------------------------------------- methods

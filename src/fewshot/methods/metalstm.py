@@ -40,7 +40,7 @@ from torch.func import functional_call
 
 from ..errors import FewshotError
 from ..learned_optim import preprocess_gradients
-from ..models.meta import meta_network
+from ..models.meta import head_inputs, meta_network
 from . import register
 from .base import Method, accuracy, infer_ways
 from .gbml import task_loss
@@ -215,13 +215,7 @@ class MetaLSTM(Method):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Learner features before the head, with theta_0 (for plots)."""
-        feats = {}
-        handle = self.net.head.register_forward_hook(lambda m, inp, out: feats.setdefault("z", inp[0]))
-        try:
-            self.net(x)
-        finally:
-            handle.remove()
-        return feats["z"]
+        return head_inputs(self.net, x)
 
     def extra_plots(self, run, dataset, out_dir) -> list:
         """``metalstm_gates.png``: the mean input gate (learning rate) and forget gate over the inner steps,

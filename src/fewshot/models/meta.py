@@ -171,3 +171,15 @@ def meta_network(kind: str, in_shape: Sequence[int], outputs: int, hidden: int =
     if kind == "mlp":
         return MetaMLP(int(torch.Size(in_shape).numel()), mlp_hidden, outputs, bn, steps, context, activation)
     raise FewshotError(f"unknown backbone {kind!r}; choose conv4, mlp or auto")
+
+
+def head_inputs(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The features ``net`` (a :func:`meta_network`) hands its linear head for ``x``: the embedding the
+    plots draw."""
+    feats = {}
+    handle = net.head.register_forward_hook(lambda m, inp, out: feats.setdefault("z", inp[0]))
+    try:
+        net(x)
+    finally:
+        handle.remove()
+    return feats["z"]
