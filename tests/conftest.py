@@ -218,6 +218,20 @@ def make_nuisance(n_classes: int = 60, per_class: int = 20, seed: int = 1, signa
     return ClassDataset.from_class_tensors(parts, [f"n{c:02d}" for c in range(n_classes)], source="nuisance")
 
 
+def adam_steps(m, sampler, steps: int, lr: float = 1e-3, clip: float | None = None) -> None:
+    """Train ``m`` (in training mode) for ``steps`` Adam steps of ``m.loss`` on episodes from ``sampler``,
+    the gradient norm clipped at ``clip`` when given."""
+    opt = torch.optim.Adam(m.parameters(), lr=lr)
+    m.train()
+    for _ in range(steps):
+        loss, _ = m.loss(sampler.sample())
+        opt.zero_grad()
+        loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(m.parameters(), clip)
+        opt.step()
+
+
 def learn_on_nuisance(method: str, steps: int = 300, **options) -> tuple:
     """``(model, before, after)``: 5-way 1-shot accuracy (200 episodes) on 20 unseen classes of the nuisance
     set, untrained and after ``steps`` 20-way 1-shot 5-query episodes on the other 40 (Adam 1e-3).
@@ -235,13 +249,7 @@ def learn_on_nuisance(method: str, steps: int = 300, **options) -> tuple:
     test_sampler = EpisodeSampler(test_ds, 5, 1, 5, seed=0)
     before = evaluate(m, test_sampler, 200, progress=False)
     sampler = EpisodeSampler(train_ds, 20, 1, 5, seed=0)
-    opt = torch.optim.Adam(m.parameters(), lr=1e-3)
-    m.train()
-    for _ in range(steps):
-        loss, _ = m.loss(sampler.sample())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    adam_steps(m, sampler, steps)
     after = evaluate(m, test_sampler, 200, progress=False)
     print(f"{method} {options}: 5-way 1-shot on held-out classes {before.mean:.1f}% untrained -> "
           f"{after.mean:.1f}% trained ({time.perf_counter() - t:.1f} s)")

@@ -18,8 +18,8 @@ from fewshot.methods.mann import (State, instance_numbers, least_used, make_sequ
                                   usage_update, write_memory, write_weights, zero_rows)
 from fewshot.run import test_classes as held_out_classes
 
-from conftest import make_synthetic, support_folder
-from test_cli import run_cli
+from conftest import adam_steps, make_synthetic
+from test_cli import cli_roundtrip, run_cli
 
 
 def _sig(a: float) -> float:
@@ -268,13 +268,7 @@ def test_short_training_beats_chance_at_the_second_instance() -> None:
     m = build("mann", ds.image_shape, controller=64, slots=16, width=16, heads=1, classes=3,
               learn_strength=True)
     sampler = EpisodeSampler(train_ds, 3, 3, 2, batch=16, seed=0)
-    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
-    for _ in range(300):
-        loss, _ = m.loss(sampler.sample())
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 10.0)
-        opt.step()
+    adam_steps(m, sampler, 300, lr=3e-3, clip=10.0)
     res = m.evaluate_instances(test_ds, episodes=300, ways=3, per_class=5, instances=(1, 2, 3))
     assert res[2]["n"] == 300
     assert res[2]["acc"] - res[2]["ci95"] > 100 / 3 + 6, res
@@ -282,39 +276,26 @@ def test_short_training_beats_chance_at_the_second_instance() -> None:
 
 
 # ------------------------------------------------------------------------------------------ CLI
-def _train_args(tmp_path: Path, image_root: Path, method: str) -> list:
-    return ["train", method, "--data", image_root, "--size", "16", "--ways", "3", "--shots", "2",
-            "--queries", "2", "--batch", "2", "--episodes", "3", "--split", "fraction:0.5", "--val-every", "0",
-            "--controller", "16", "--slots", "16", "--width", "8", "--classes", "3", "--test-ways", "3",
-            "--test-queries", "2", "--test-episodes", "10", "--no-progress", "--out", tmp_path / method]
+#: small MANN sizes for the command-line tests (the run shapes come from cli_roundtrip's)
+SMALL = ["--batch", "2", "--controller", "16", "--slots", "16", "--width", "8", "--classes", "3"]
 
 
 def test_cli_train_eval_predict_plot(capsys, tmp_path: Path, image_root: Path) -> None:
-    rc, out, err = run_cli(capsys, *_train_args(tmp_path, image_root, "mann"))
-    assert rc == 0, err
-    assert "test accuracy:" in out and "3-way 1-shot" in out
     run = tmp_path / "mann"
+    cli_roundtrip(capsys, run, image_root, "mann", *SMALL, shots=2, query=(2, 1))
     cfg = fs.RunConfig.load(run / "config.yaml")
     assert cfg.options["classes"] == 3 and cfg.train.grad_clip == 10.0          # the method's run defaults
-    rc, out, err = run_cli(capsys, "eval", run, "--ways", "3", "--shots", "2", "--queries", "3",
-                           "--episodes", "10", "--no-progress")
-    assert rc == 0 and "3-way 2-shot" in out, err
     rc, _, err = run_cli(capsys, "eval", run, "--ways", "5", "--queries", "2", "--episodes", "5", "--no-progress")
     assert rc == 2 and "outputs 3 classes" in err and "Traceback" not in err
-    sup = tmp_path / "support"
-    classes = support_folder(image_root, sup)
-    query = sorted(classes[2].iterdir())[1]
-    rc, out, err = run_cli(capsys, "predict", run, "--support", sup, "--query", query, "--no-progress")
-    assert rc == 0, err
-    assert out.split("\t")[1] in {c.name for c in classes}
-    rc, out, err = run_cli(capsys, "plot", run, "--classes", "4")
-    assert rc == 0, err
     for name in ("instance_accuracy.png", "memory_access.png", "tsne_test_classes.png", "learning_curves.png"):
         assert (run / "plots" / name).stat().st_size > 5_000, name
 
 
 def test_cli_lstm_baseline(capsys, tmp_path: Path, image_root: Path) -> None:
-    rc, out, err = run_cli(capsys, *_train_args(tmp_path, image_root, "mann-lstm"))
+    rc, out, err = run_cli(capsys, "train", "mann-lstm", "--data", image_root, "--size", "16", "--ways", "3",
+                           "--shots", "2", "--queries", "2", "--episodes", "3", "--split", "fraction:0.5",
+                           "--val-every", "0", *SMALL, "--test-ways", "3", "--test-queries", "2",
+                           "--test-episodes", "10", "--no-progress", "--out", tmp_path / "mann-lstm")
     assert rc == 0, err
     run = fs.load_run(tmp_path / "mann-lstm")
     assert run.method.config.memory is False and not hasattr(run.method, "key")

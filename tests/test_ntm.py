@@ -18,6 +18,7 @@ from fewshot.evaluate import evaluate
 from fewshot.models import memory as mem
 from fewshot.tasks.copy import CopyTasks, bits_wrong, copy_inputs, parse_lengths
 
+from conftest import adam_steps
 from test_cli import run_cli
 
 
@@ -274,12 +275,7 @@ def test_short_training_learns_to_copy_short_sequences() -> None:
             logits = model.predict(held.support_x, held.support_y, held.query_x)
         return float(copy_bce(logits, held.query_y)), float(bits_wrong(logits, held.query_y).mean())
     before, _ = held_out()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(400):
-        loss, _ = model.loss(fam.sample())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    adam_steps(model, fam, 400, lr=1e-2)
     after, wrong = held_out()
     assert before > 0.6                         # chance: log 2 = 0.69
     assert after < 0.5 * before, (before, after)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import fewshot as fs
-from conftest import class_dirs, make_nuisance, make_synthetic, support_folder
+from conftest import adam_steps, class_dirs, make_nuisance, make_synthetic, support_folder
 from fewshot import methods
 from fewshot.data.dataset import ClassDataset
 from fewshot.episodes import Episode, EpisodeSampler
@@ -196,16 +196,6 @@ def test_scores_are_fp32_under_bf16_autocast() -> None:
 
 
 # ------------------------------------------------------------------------------------------ learning
-def _train(m, sampler, steps: int, lr: float = 1e-3) -> None:
-    opt = torch.optim.Adam(m.parameters(), lr=lr)
-    m.train()
-    for _ in range(steps):
-        loss, _ = m.loss(sampler.sample())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-
-
 def test_learns_held_out_classes() -> None:
     """Vector variant, 400 20-way episodes on 40 nuisance classes (the class is a corner pattern among noise
     pixels): 5-way 1-shot on 20 unseen classes far above chance (20%; about 70% here). The learned comparison
@@ -218,7 +208,7 @@ def test_learns_held_out_classes() -> None:
                       mlp_relation_hidden=64)
     test_sampler = EpisodeSampler(test_ds, 5, 1, 5, seed=0)
     before = evaluate(m, test_sampler, 200, progress=False)
-    _train(m, EpisodeSampler(train_ds, 20, 1, 5, seed=0), 400, lr=3e-3)
+    adam_steps(m, EpisodeSampler(train_ds, 20, 1, 5, seed=0), 400, lr=3e-3)
     after = evaluate(m, test_sampler, 200, progress=False)
     print(f"relation 5-way 1-shot on held-out classes: {before.mean:.1f}% -> {after.mean:.1f}% "
           f"({time.perf_counter() - t:.1f} s)")
@@ -235,7 +225,7 @@ def test_image_variant_learns_held_out_classes() -> None:
     m = methods.build("relation", ds.image_shape, hidden=16)
     test_sampler = EpisodeSampler(test_ds, 5, 1, 5, seed=0)
     before = evaluate(m, test_sampler, 100, progress=False)
-    _train(m, EpisodeSampler(train_ds, 5, 1, 5, seed=0), 250, lr=3e-3)
+    adam_steps(m, EpisodeSampler(train_ds, 5, 1, 5, seed=0), 250, lr=3e-3)
     after = evaluate(m, test_sampler, 100, progress=False)
     print(f"relation (conv) 5-way 1-shot on held-out classes: {before.mean:.1f}% -> {after.mean:.1f}% "
           f"({time.perf_counter() - t:.1f} s)")
@@ -269,7 +259,7 @@ def test_zero_shot_recognises_unseen_classes_from_their_attributes() -> None:
                       mlp_hidden=[64], embedding=32, attr_hidden=64, mlp_relation_hidden=64)
     test_sampler = EpisodeSampler(test_ds, 5, 1, 5, seed=0)
     before = evaluate(m, test_sampler, 200, progress=False)
-    _train(m, EpisodeSampler(train_ds, 10, 1, 5, seed=0), 500, lr=2e-3)
+    adam_steps(m, EpisodeSampler(train_ds, 10, 1, 5, seed=0), 500, lr=2e-3)
     after = evaluate(m, test_sampler, 200, progress=False)
     print(f"zero-shot 5-way on unseen classes: {before.mean:.1f}% -> {after.mean:.1f}% "
           f"({time.perf_counter() - t:.1f} s)")

@@ -10,7 +10,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import make_synthetic
+from conftest import adam_steps, make_synthetic
 from fewshot import checkpoint, methods
 from fewshot.config import RunConfig
 from fewshot.episodes import EpisodeSampler
@@ -211,12 +211,7 @@ def _trained_conv(ds16):
     torch.manual_seed(0)
     m = methods.build("protonet", ds16.image_shape, hidden=16)
     s = EpisodeSampler(ds16, 5, 1, 2, seed=0)
-    opt = torch.optim.Adam(m.parameters(), 1e-3)
-    for _ in range(3):                          # a few steps, so BN running statistics are not trivial
-        loss, _ = m.loss(s.sample())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    adam_steps(m, s, 3)                         # a few steps, so BN running statistics are not trivial
     return m
 
 
