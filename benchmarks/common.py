@@ -76,14 +76,15 @@ def fit_fresh(cfg, out: Path) -> tuple:
     return run, time.time() - t0
 
 
-def evaluate_settings(run, settings, episodes: int, queries: int = 15) -> list:
+def evaluate_settings(run, settings, episodes: int, queries: int = 15, tta: int | None = None) -> list:
     """Evaluate ``run`` at every ``(ways, shots)`` of ``settings`` on ``episodes`` fixed-seed test episodes,
-    printing each result as it comes: ``[(ways, shots, result, seconds), ...]``."""
+    printing each result as it comes: ``[(ways, shots, result, seconds), ...]``. ``tta``: test-time
+    augmentation copies (default: the run's setting)."""
     import fewshot as fs
     out = []
     for w, k in settings:
         t = time.time()
-        r = fs.evaluate_run(run, ways=w, shots=k, queries=queries, episodes=episodes, progress=False)
+        r = fs.evaluate_run(run, ways=w, shots=k, queries=queries, episodes=episodes, progress=False, tta=tta)
         print(f"{w}w{k}s: {r}", flush=True)
         out.append((w, k, r, time.time() - t))
     return out

@@ -242,14 +242,14 @@ def cmd_eval(a) -> int:
     from .run import evaluate_run, lake_eval, load_run, pair_metrics
     run = load_run(a.run, a.checkpoint, device=a.device)
     if a.lake_runs:
-        res = lake_eval(run, a.lake_runs)
+        res = lake_eval(run, a.lake_runs, tta=a.tta)
         for r in res["runs"]:
             print(f"{r['run']}: error {r['error_rate']:.1f}% ({r['errors']}/{r['n']})")
         print(f"overall error rate: {res['error_rate']:.2f}% over {res['n']} test images "
               f"({len(res['runs'])} runs)")
         return 0
     res = evaluate_run(run, a.data, a.ways, a.shots, a.queries, a.episodes, a.seed, progress=not a.no_progress,
-                       unlabeled=a.unlabeled, distractors=a.distractors)
+                       unlabeled=a.unlabeled, distractors=a.distractors, tta=a.tta)
     print(res)
     pm = pair_metrics(run, a.data, a.pairs, a.seed) if a.pairs else None
     if pm is not None:      # methods that score pairs (siamese): verification metrics too
@@ -266,7 +266,7 @@ def cmd_predict(a) -> int:
     from .run import load_run, predict_run
     run = load_run(a.run, a.checkpoint, device=a.device)
     out = a.out or (Path(a.run) / "predictions.csv" if Path(a.run).is_dir() else "predictions.csv")
-    rows = predict_run(run, a.support, a.query, out)
+    rows = predict_run(run, a.support, a.query, out, tta=a.tta)
     for path, label, p in rows:
         print(f"{path}\t{label}\t{p:.3f}")
     print(f"wrote {out}", file=sys.stderr)
@@ -327,6 +327,9 @@ def build_parser(help_text: bool = True) -> argparse.ArgumentParser:
     e.add_argument("--pairs", type=int, default=1000,
                    help="balanced pairs (and triplets) for the binary/triplet accuracy of pair methods "
                         "such as siamese (0: skip)")
+    e.add_argument("--tta", type=int, default=None, metavar="M",
+                   help="test-time augmentation: also predict from M jittered copies of every support and "
+                        "query image and average (default: the run's setting, 0 = off)")
     e.add_argument("--lake-runs", help="Lake et al.'s all_runs.zip (or its folder): report error rates")
     _common(e)
     e.set_defaults(func=cmd_eval)
@@ -336,6 +339,8 @@ def build_parser(help_text: bool = True) -> argparse.ArgumentParser:
     pr.add_argument("--support", required=True, help="folder with one subfolder of images per class")
     pr.add_argument("--query", required=True, nargs="+", help="image files or folders of images")
     pr.add_argument("--out", help="CSV to write (default: RUN/predictions.csv)")
+    pr.add_argument("--tta", type=int, default=None, metavar="M",
+                    help="test-time augmentation copies per image (default: the run's setting, 0 = off)")
     _common(pr)
     pr.set_defaults(func=cmd_predict)
 

@@ -46,6 +46,10 @@ class RunConfig:
     test_shots: int = 1
     test_queries: int = 15
     test_episodes: int = 1000
+    #: test-time augmentation: predict from this many extra jittered copies of every support and query
+    #: image (the run's augment transform, affine jitter if none) and average; 0 = off. Used by the final
+    #: test, `fewshot eval` and `fewshot predict` unless they are given --tta
+    tta: int = 0
     device: str = "auto"
     precision: str = "auto"     #: auto | fp32 | bf16 (resolved and recorded)
     channels_last: Any = "auto"  #: auto | true | false (resolved and recorded)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .episodes import EpisodeSampler
 from .precision import autocast
+from .tta import TestTimeAugment
 
 EVAL_BATCH = 25
 DEFAULT_EPISODES = 1000
@@ -44,6 +45,7 @@ class EvalResult:
     accuracies: List[float] = field(default_factory=list, repr=False)
     metric: str = "accuracy"   #: accuracy (percent, higher is better), mse or a family's metric (lower is better)
     metric_label: str = ""     #: how a family's own metric reads, e.g. "bits wrong per sequence"
+    tta: int = 0               #: test-time augmentation copies per image (0: none; see fewshot.tta)
 
     @property
     def score(self) -> float:
@@ -64,7 +66,8 @@ class EvalResult:
         if self.metric != "accuracy":
             return f"{self.short()} (95% CI, {self.n} tasks, seed {self.seed})"
         return (f"{self.short()} (95% CI, {self.n} episodes, seed {self.seed}, "
-                f"{self.ways}-way {self.shots}-shot {self.queries}-query, {self.mode})")
+                f"{self.ways}-way {self.shots}-shot {self.queries}-query, {self.mode}"
+                + (f", test-time augmentation x{self.tta}" if self.tta else "") + ")")
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -94,6 +97,9 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
     was_training = method.training
     method.eval()
     sampler.generator.manual_seed(sampler.seed)
+    tta = method.copies if isinstance(method, TestTimeAugment) else 0
+    if tta:
+        method.reset()
     device = sampler.device
     accs: List[float] = []
     losses: List[float] = []
@@ -137,7 +143,7 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
                      mode=getattr(method, "inference_mode", "inductive"), loss=sum(losses) / len(losses),
                      accuracies=accs,
                      metric=own_metric or ("mse" if regression else "accuracy"),
-                     metric_label=getattr(sampler, "metric_label", "") if own_metric else "")
+                     metric_label=getattr(sampler, "metric_label", "") if own_metric else "", tta=tta)
     if csv_path is not None:
         write_episode_csv(res, losses, csv_path)
     return res

@@ -25,6 +25,7 @@ from .evaluate import EvalResult, evaluate
 from .models import set_channels_last
 from .precision import autocast, resolve_channels_last, resolve_device, resolve_precision
 from .train import TrainResult, train
+from .tta import with_tta
 
 
 # ------------------------------------------------------------------------------------------ splits
@@ -285,11 +286,14 @@ def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
 
 def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int = 1, queries: int = 15,
                  episodes: int = 1000, seed: int = 0, progress: bool = True, save: bool = True,
-                 unlabeled: Optional[int] = None, distractors: Optional[int] = None) -> EvalResult:
+                 unlabeled: Optional[int] = None, distractors: Optional[int] = None,
+                 tta: Optional[int] = None) -> EvalResult:
     """Evaluate a run on held-out classes (or held-out tasks of a task family); writes
     ``eval/<N>w<K>s….json`` and the per-episode CSV. ``unlabeled``/``distractors`` (semi-supervised
-    episodes) default to the run's training settings."""
+    episodes) and ``tta`` (test-time augmentation copies, :mod:`fewshot.tta`) default to the run's
+    settings."""
     family = task_family(run, data)
+    copies = run_tta(run, tta, family)
     if family is not None:
         sampler = tasks.make(family, shots, queries, device=run.device, seed=FAMILY_SEEDS["test"] + seed,
                              ways=None)
@@ -304,15 +308,25 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
         sampler = EpisodeSampler(ds, ways, shots, queries, device=run.device, seed=seed, unlabeled=u,
                                  distractors=d)
         tag = (f"{ways}w{shots}s{queries}q" + (f"{u}u" if u else "") + (f"{d}d" if d else "") + f"-seed{seed}"
-               + ("" if data is None else "-" + Path(data).name))
+               + ("" if data is None else "-" + Path(data).name) + (f"-tta{copies}" if copies else ""))
     csv_path = run.path / "eval" / f"{tag}.csv" if save else None
-    res = evaluate(run.method, sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
+    res = evaluate(with_tta(run.method, copies, run.config.augment), sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
                    desc=f"eval {ways}w{shots}s")
     if save:
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
             {**res.summary(), "data": data or run.config.data, "classes": len(ds) if ds is not None else None,
              "checkpoint_step": run.checkpoint.get("step")}, indent=1))
     return res
+
+
+def run_tta(run: Run, tta: Optional[int], family: Optional[str] = None) -> int:
+    """The test-time augmentation copies to use: ``tta`` if given, else the run's own setting."""
+    copies = run.config.tta if tta is None else int(tta)
+    if copies < 0:
+        raise FewshotError(f"--tta takes a number of copies >= 0, got {copies}")
+    if copies and family is not None:
+        raise FewshotError(f"test-time augmentation jitters images; the {family!r} tasks have none")
+    return copies
 
 
 def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: int = 0,
@@ -335,8 +349,11 @@ def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: 
 
 # ------------------------------------------------------------------------------------------ predict
 @torch.no_grad()
-def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[str | Path] = None) -> list:
+def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[str | Path] = None,
+                tta: Optional[int] = None) -> list:
     """Label query images from a support folder (one subfolder of a few images per class).
+
+    ``tta``: test-time augmentation copies (:mod:`fewshot.tta`; default: the run's setting).
 
     Returns [(query path, predicted class, probability)] and writes them as CSV when ``out_csv`` is given.
     """
@@ -353,8 +370,9 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
     sx = to_float(sup.data).unsqueeze(0).to(run.device)
     sy = sup.labels().unsqueeze(0).to(run.device)
     qxf = to_float(qx).unsqueeze(0).to(run.device)
+    method = with_tta(run.method, run_tta(run, tta), run.config.augment)
     with autocast(run.device, run.precision):
-        logits = run.method.predict(sx, sy, qxf, len(sup))
+        logits = method.predict(sx, sy, qxf, len(sup))
     prob = logits.float().softmax(-1)[0]
     conf, pred = prob.max(-1)
     rows = [(str(f), sup.names[int(p)], float(c)) for f, p, c in zip(files, pred, conf)]
@@ -371,22 +389,25 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
 
 # ------------------------------------------------------------------------------------------ Lake runs
 @torch.no_grad()
-def lake_eval(run: Run, path: str) -> dict:
-    """Error rate on Lake et al.'s 20 Omniglot one-shot runs (each 20-way 1-shot within one alphabet)."""
+def lake_eval(run: Run, path: str, tta: Optional[int] = None) -> dict:
+    """Error rate on Lake et al.'s 20 Omniglot one-shot runs (each 20-way 1-shot within one alphabet);
+    ``tta``: test-time augmentation copies (default: the run's setting)."""
     runs = fsdata.load_lake_runs(path, run.preprocess)
+    copies = run_tta(run, tta)
+    method = with_tta(run.method, copies, run.config.augment)
     per_run, wrong_total, n_total = [], 0, 0
     for r in runs:
         sx = to_float(r.train).unsqueeze(0).to(run.device)
         sy = torch.arange(r.train.shape[0], device=run.device).unsqueeze(0)
         qx = to_float(r.test).unsqueeze(0).to(run.device)
         with autocast(run.device, run.precision):
-            pred = run.method.predict(sx, sy, qx, r.train.shape[0]).float().argmax(-1)[0].cpu()
+            pred = method.predict(sx, sy, qx, r.train.shape[0]).float().argmax(-1)[0].cpu()
         wrong = int((pred != r.labels).sum())
         per_run.append({"run": r.name, "errors": wrong, "n": len(r.labels),
                         "error_rate": 100.0 * wrong / len(r.labels)})
         wrong_total += wrong
         n_total += len(r.labels)
-    res = {"runs": per_run, "error_rate": 100.0 * wrong_total / max(n_total, 1), "n": n_total}
+    res = {"runs": per_run, "error_rate": 100.0 * wrong_total / max(n_total, 1), "n": n_total, "tta": copies}
     (run.path / "eval").mkdir(parents=True, exist_ok=True)
     (run.path / "eval" / "lake_runs.json").write_text(json.dumps(res, indent=1))
     return res
