@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -69,6 +70,18 @@ def test_run_config_round_trip_and_errors(tmp_path: Path) -> None:
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(FewshotError, match="must hold a mapping"):
         RunConfig.load(tmp_path / "list.yaml")
+
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_loads_and_names_a_method(recipe: Path) -> None:
+    """Each shipped recipe parses, names a registered method and gives it only options it has."""
+    cfg = RunConfig.load(recipe)
+    known = {f.name for f in dataclasses.fields(methods.get(cfg.method).Config)}
+    assert set(cfg.options) <= known, set(cfg.options) - known
+    assert cfg.tta >= 0 and cfg.train.episodes > 0
 
 
 # ------------------------------------------------------------------------------------------ training
