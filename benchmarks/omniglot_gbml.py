@@ -6,15 +6,18 @@ Korean and Tagalog, with rotations; a time budget of at most 60 minutes), then r
 (the 5-shot row uses the same 1-shot-trained model), and the training time.
 
 usage: python benchmarks/omniglot_gbml.py maml [--minutes 55] [--out runs/bench_omniglot_maml]
+       python benchmarks/omniglot_gbml.py maml --eval-only [--test-steps S]   (re-test the run in --out,
+       e.g. after `fewshot train --resume --out runs/bench_omniglot_maml --time-limit-s 3600`)
 """
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, evaluate_settings, fit_fresh, table
+from common import OMNIGLOT, ROOT, evaluate_settings, fit_fresh, machine, table
 
 import fewshot as fs
+from fewshot import checkpoint
 
 SETTINGS = [(5, 1), (5, 5)]
 
@@ -29,18 +32,39 @@ def main() -> None:
     ap.add_argument("--episodes", type=int, default=None,
                     help="override the recipe's meta-step count (a linear schedule anneals over it)")
     ap.add_argument("--test-episodes", type=int, default=1000)
+    ap.add_argument("--test-steps", type=int, default=None,
+                    help="inner steps at test time (default: the recipe's test_steps)")
+    ap.add_argument("--eval-only", action="store_true", help="test the run already trained in --out")
     a = ap.parse_args()
     recipe = a.recipe or str(ROOT / "recipes" / f"{a.method}_omniglot_small.yaml")
-    cfg = fs.RunConfig.load(recipe)
-    cfg.data = a.data
-    if a.minutes:
-        cfg.train.time_limit_s = a.minutes * 60
-    if a.episodes:
-        cfg.train.episodes = a.episodes
-    run, wall = fit_fresh(cfg, Path(a.out or ROOT / "runs" / f"bench_omniglot_{a.method}"))
-    train_s, steps = run.train_result.train_time_s, run.train_result.steps
-    print(f"trained {steps} meta-steps of {cfg.batch} tasks: {train_s / 60:.1f} min of training "
-          f"({wall / 60:.1f} min wall)", flush=True)
+    out = Path(a.out or ROOT / "runs" / f"bench_omniglot_{a.method}")
+    recipe_cfg = fs.RunConfig.load(recipe)
+    if a.eval_only:
+        run = fs.load_run(out)
+        print(f"machine: {machine()}", flush=True)
+        cfg = run.config
+        last = checkpoint.load(out / "checkpoints" / "last.pt")
+        steps, train_s = int(last["step"]), float(last["train_time_s"])
+        print(f"testing the run in {out}: {steps} meta-steps of {cfg.batch} tasks, {train_s / 60:.1f} min of "
+              "training", flush=True)
+    else:
+        cfg = recipe_cfg
+        cfg.data = a.data
+        if a.minutes:
+            cfg.train.time_limit_s = a.minutes * 60
+        if a.episodes:
+            cfg.train.episodes = a.episodes
+        run, wall = fit_fresh(cfg, out)
+        train_s, steps = run.train_result.train_time_s, run.train_result.steps
+        print(f"trained {steps} meta-steps of {cfg.batch} tasks: {train_s / 60:.1f} min of training "
+              f"({wall / 60:.1f} min wall)", flush=True)
+    test_steps = a.test_steps if a.test_steps is not None else recipe_cfg.options.get("test_steps")
+    if test_steps is not None and hasattr(run.method.config, "test_steps"):
+        c = run.method.config
+        built = max(c.inner_steps, c.test_steps or c.inner_steps)     # steps with batch-norm statistics
+        if c.bn == "running" and int(test_steps) > built:
+            raise SystemExit(f"this run keeps per-step batch-norm statistics for {built} steps only")
+        c.test_steps = int(test_steps)
     rows = [[f"{w}-way {k}-shot", f"{r.mean:.2f} ± {r.ci95:.2f}", r.n, f"{sec:.0f}"]
             for w, k, r, sec in evaluate_settings(run, SETTINGS, a.test_episodes)]
     print()
