@@ -70,7 +70,8 @@ def main() -> None:
     print()
     o = run.method.config
     print(f"recipe {Path(recipe).name}: {cfg.method}, {cfg.ways}-way {cfg.shots}-shot {cfg.queries}-query, "
-          f"meta-batch {cfg.batch}, {o.inner_steps} inner step(s) lr {o.inner_lr} (test {o.test_steps or o.inner_steps}), "
+          f"meta-batch {cfg.batch}, {o.inner_steps} inner step(s) lr {o.inner_lr} "
+          f"(test {o.test_steps or o.inner_steps}), "
           f"bn {o.bn}, {steps} meta-steps, precision {cfg.precision}, channels_last {cfg.channels_last}, "
           f"training {train_s / 60:.1f} min")
     print(table(rows, ["test (Korean + Tagalog, 57 classes)", f"fewshot {cfg.method} (%)", "episodes",

@@ -31,7 +31,8 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "bench_omniglot_protonet"))
     ap.add_argument("--episodes", type=int, default=None, help="override the recipe's training episodes")
     ap.add_argument("--test-episodes", type=int, default=1000)
-    ap.add_argument("--tta", type=int, default=None, help="test-time augmentation copies (default: the recipe's; 0: plain scores only)")
+    ap.add_argument("--tta", type=int, default=None,
+                    help="test-time augmentation copies (default: the recipe's; 0: plain scores only)")
     ap.add_argument("--eval-only", action="store_true", help="test the run already trained in --out")
     a = ap.parse_args()
     if a.eval_only:

@@ -94,6 +94,13 @@ def test_bad_uses() -> None:
     ds = make_synthetic(n_classes=8, per_class=6, size=16)
     with pytest.raises(FewshotError, match="at least 1 copy"):
         TestTimeAugment(methods.build("protonet", ds.image_shape, hidden=8), 0)
+    proto = methods.build("protonet", ds.image_shape, hidden=8)
+    x = torch.zeros(1, 2, *ds.image_shape)
+    with pytest.raises(FewshotError, match="regression"):
+        TestTimeAugment(proto, 2).predict(x, torch.zeros(1, 2), x)
+    with pytest.raises(FewshotError, match="image tasks"):
+        TestTimeAugment(proto, 2).predict(torch.zeros(1, 2, 5), torch.zeros(1, 2, dtype=torch.long),
+                                          torch.zeros(1, 2, 5))
     semi = methods.build("semisup", ds.image_shape, hidden=8)
     ep = EpisodeSampler(ds, 3, 1, 2, unlabeled=1).sample(2)
     with pytest.raises(FewshotError, match="also carry unlabeled_x"):

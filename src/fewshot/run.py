@@ -310,8 +310,8 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
         tag = (f"{ways}w{shots}s{queries}q" + (f"{u}u" if u else "") + (f"{d}d" if d else "") + f"-seed{seed}"
                + ("" if data is None else "-" + Path(data).name) + (f"-tta{copies}" if copies else ""))
     csv_path = run.path / "eval" / f"{tag}.csv" if save else None
-    res = evaluate(with_tta(run.method, copies, run.config.augment), sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
-                   desc=f"eval {ways}w{shots}s")
+    res = evaluate(with_tta(run.method, copies, run.config.augment), sampler, episodes, precision=run.precision,
+                   progress=progress, csv_path=csv_path, desc=f"eval {ways}w{shots}s")
     if save:
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
             {**res.summary(), "data": data or run.config.data, "classes": len(ds) if ds is not None else None,

@@ -77,6 +77,9 @@ class TestTimeAugment(nn.Module):
     def predict(self, support_x, support_y, query_x, ways=None) -> torch.Tensor:
         if support_x.dim() < 5:
             raise FewshotError("test-time augmentation applies to image tasks [B, S, C, H, W]")
+        if torch.is_floating_point(support_y):
+            raise FewshotError("test-time augmentation averages class probabilities; it does not apply to "
+                               "regression targets")
         B, Q = support_x.shape[0], query_x.shape[1]
         views = self.copies + 1
         sx = torch.cat([support_x.unsqueeze(1), self._copies(support_x)], 1).flatten(1, 2)   # [B, (M+1)S, ...]
