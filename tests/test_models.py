@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fewshot.models import Conv4, MLP, set_channels_last
@@ -45,6 +46,24 @@ def test_conv4_shapes_and_channels_last() -> None:
     set_channels_last(net, False)
     assert net.features[0].weight.is_contiguous()
     assert torch.allclose(y, net(x), atol=1e-5)
+
+
+def test_channels_last_input_fixes_one_channel_strides() -> None:
+    """A 1-channel batch gets strides a convolution reads as channels-last, so a conv with an NCHW weight
+    (an inner loop's adapted weight) still produces a channels-last output, with no conversion of it."""
+    from fewshot.models import channels_last_input
+    x = torch.rand(3, 1, 8, 8)
+    assert x.contiguous(memory_format=torch.channels_last).stride() == x.stride()    # the trap
+    y = channels_last_input(x)
+    assert y.stride() == (64, 1, 8, 1) and torch.equal(y, x)
+    assert channels_last_input(y) is y
+    w = torch.rand(4, 1, 3, 3)                                                   # NCHW weight
+    assert not F.conv2d(x, w, padding=1).is_contiguous(memory_format=torch.channels_last)
+    assert F.conv2d(y, w, padding=1).is_contiguous(memory_format=torch.channels_last)
+    z = torch.rand(3, 5, 8, 8).contiguous(memory_format=torch.channels_last)
+    assert channels_last_input(z) is z
+    nchw = torch.rand(3, 5, 8, 8)
+    assert channels_last_input(nchw).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_mlp_flattens() -> None:

@@ -104,6 +104,18 @@ def mlp(in_dim: int, hidden: Sequence[int] = (256, 256), out_dim: int = 64, **kw
     return MLP(in_dim, hidden, out_dim, **kw)
 
 
+def channels_last_input(x: torch.Tensor) -> torch.Tensor:
+    """``x`` (N, C, H, W) in channels-last memory, with strides that say so even when C == 1.
+
+    ``x.contiguous(memory_format=torch.channels_last)`` returns a 1-channel NCHW tensor unchanged (its
+    strides fit both layouts), and a convolution then picks NCHW whenever its weight is NCHW too, as the
+    adapted weights of a meta network's inner loop are: its 64-channel output then has to be converted,
+    forward and backward, at far greater cost than this copy of the 1-channel input."""
+    if x.is_contiguous(memory_format=torch.channels_last) and (x.shape[1] != 1 or x.stride(1) == 1):
+        return x
+    return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
+
+
 def set_channels_last(module: nn.Module, enabled: bool) -> None:
     """Switch every backbone in ``module`` (and its weights) to/from the channels-last layout."""
     for m in module.modules():

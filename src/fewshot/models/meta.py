@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FewshotError
+from . import channels_last_input
 
 BN_MODES = ("transductive", "running", "none")
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
@@ -98,13 +99,13 @@ class MetaConv4(nn.Module):
         stats: List = []
         cl = self.channels_last
         if cl:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last_input(x)
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             x = conv(x)
             if cl and i == 0:
-                # a 1-channel input makes the first conv's output NCHW; batch norm and max-pool are
-                # several times faster on the channels-last layout
+                # batch norm and max-pool are several times faster on the channels-last layout; with a
+                # channels_last_input the output already has it and this is a no-op
                 x = x.contiguous(memory_format=torch.channels_last)
             if self.norms is not None:
                 x = self.norms[i](x, step, stats)
