@@ -293,7 +293,7 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
     episodes) and ``tta`` (test-time augmentation copies, :mod:`fewshot.tta`) default to the run's
     settings."""
     family = task_family(run, data)
-    copies = run_tta(run, tta, family)
+    method, copies = tta_method(run, tta, family)
     if family is not None:
         sampler = tasks.make(family, shots, queries, device=run.device, seed=FAMILY_SEEDS["test"] + seed,
                              ways=None)
@@ -310,8 +310,8 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
         tag = (f"{ways}w{shots}s{queries}q" + (f"{u}u" if u else "") + (f"{d}d" if d else "") + f"-seed{seed}"
                + ("" if data is None else "-" + Path(data).name) + (f"-tta{copies}" if copies else ""))
     csv_path = run.path / "eval" / f"{tag}.csv" if save else None
-    res = evaluate(with_tta(run.method, copies, run.config.augment), sampler, episodes, precision=run.precision,
-                   progress=progress, csv_path=csv_path, desc=f"eval {ways}w{shots}s")
+    res = evaluate(method, sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
+                   desc=f"eval {ways}w{shots}s")
     if save:
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
             {**res.summary(), "data": data or run.config.data, "classes": len(ds) if ds is not None else None,
@@ -319,14 +319,15 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
     return res
 
 
-def run_tta(run: Run, tta: Optional[int], family: Optional[str] = None) -> int:
-    """The test-time augmentation copies to use: ``tta`` if given, else the run's own setting."""
+def tta_method(run: Run, tta: Optional[int], family: Optional[str] = None) -> tuple:
+    """``(method to predict with, copies)``: the run's method, wrapped for test-time augmentation when
+    ``tta`` (if given, else the run's own setting) asks for copies."""
     copies = run.config.tta if tta is None else int(tta)
     if copies < 0:
         raise FewshotError(f"--tta takes a number of copies >= 0, got {copies}")
     if copies and family is not None:
         raise FewshotError(f"test-time augmentation jitters images; the {family!r} tasks have none")
-    return copies
+    return with_tta(run.method, copies, run.config.augment), copies
 
 
 def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: int = 0,
@@ -370,7 +371,7 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
     sx = to_float(sup.data).unsqueeze(0).to(run.device)
     sy = sup.labels().unsqueeze(0).to(run.device)
     qxf = to_float(qx).unsqueeze(0).to(run.device)
-    method = with_tta(run.method, run_tta(run, tta), run.config.augment)
+    method, _ = tta_method(run, tta)
     with autocast(run.device, run.precision):
         logits = method.predict(sx, sy, qxf, len(sup))
     prob = logits.float().softmax(-1)[0]
@@ -393,8 +394,7 @@ def lake_eval(run: Run, path: str, tta: Optional[int] = None) -> dict:
     """Error rate on Lake et al.'s 20 Omniglot one-shot runs (each 20-way 1-shot within one alphabet);
     ``tta``: test-time augmentation copies (default: the run's setting)."""
     runs = fsdata.load_lake_runs(path, run.preprocess)
-    copies = run_tta(run, tta)
-    method = with_tta(run.method, copies, run.config.augment)
+    method, copies = tta_method(run, tta)
     per_run, wrong_total, n_total = [], 0, 0
     for r in runs:
         sx = to_float(r.train).unsqueeze(0).to(run.device)

@@ -48,14 +48,13 @@ class TestTimeAugment(nn.Module):
     def inference_mode(self) -> str:
         return getattr(self.method, "inference_mode", "inductive")
 
-    def reset(self, seed: int | None = None) -> None:
-        """Restart the copies' random stream (``seed`` defaults to the one given at construction)."""
+    def reset(self) -> None:
+        """Restart the copies' random stream from the seed given at construction."""
         self.generator = None
-        self._seed = self.seed if seed is None else int(seed)
 
     def _gen(self, device) -> torch.Generator:
         if self.generator is None or self.generator.device != torch.device(device):
-            self.generator = torch.Generator(device=device).manual_seed(self._seed)
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
         return self.generator
 
     def _copies(self, x: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,7 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last_input(x)
         z = self.features(x)
         return z.flatten(1) if self.flatten else z
 
