@@ -76,6 +76,17 @@ def fit_fresh(cfg, out: Path) -> tuple:
     return run, time.time() - t0
 
 
+def load_trained(out: Path) -> tuple:
+    """A run already trained in ``out``, printing the machine first: ``(run, steps, training seconds)``
+    from its last checkpoint (for ``--eval-only``, which re-tests a run without training it again)."""
+    import fewshot as fs
+    from fewshot import checkpoint
+    run = fs.load_run(out)
+    print(f"machine: {machine()}", flush=True)
+    last = checkpoint.load(Path(out) / "checkpoints" / "last.pt")
+    return run, int(last["step"]), float(last["train_time_s"])
+
+
 def evaluate_settings(run, settings, episodes: int, queries: int = 15, tta: int | None = None) -> list:
     """Evaluate ``run`` at every ``(ways, shots)`` of ``settings`` on ``episodes`` fixed-seed test episodes,
     printing each result as it comes: ``[(ways, shots, result, seconds), ...]``. ``tta``: test-time

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, evaluate_settings, fit_fresh, machine, table
+from common import OMNIGLOT, ROOT, evaluate_settings, fit_fresh, load_trained, table
 
 import fewshot as fs
-from fewshot import checkpoint
 
 SETTINGS = [(5, 1), (5, 5)]
 
@@ -40,11 +39,8 @@ def main() -> None:
     out = Path(a.out or ROOT / "runs" / f"bench_omniglot_{a.method}")
     recipe_cfg = fs.RunConfig.load(recipe)
     if a.eval_only:
-        run = fs.load_run(out)
-        print(f"machine: {machine()}", flush=True)
+        run, steps, train_s = load_trained(out)
         cfg = run.config
-        last = checkpoint.load(out / "checkpoints" / "last.pt")
-        steps, train_s = int(last["step"]), float(last["train_time_s"])
         print(f"testing the run in {out}: {steps} meta-steps of {cfg.batch} tasks, {train_s / 60:.1f} min of "
               "training", flush=True)
     else:
@@ -60,11 +56,11 @@ def main() -> None:
               f"({wall / 60:.1f} min wall)", flush=True)
     test_steps = a.test_steps if a.test_steps is not None else recipe_cfg.options.get("test_steps")
     if test_steps is not None and hasattr(run.method.config, "test_steps"):
-        c = run.method.config
-        built = max(c.inner_steps, c.test_steps or c.inner_steps)     # steps with batch-norm statistics
-        if c.bn == "running" and int(test_steps) > built:
-            raise SystemExit(f"this run keeps per-step batch-norm statistics for {built} steps only")
-        c.test_steps = int(test_steps)
+        norms = run.method.net.norm_layers()
+        kept = norms[0].running_mean.shape[0] - 1 if run.method.config.bn == "running" and norms else None
+        if kept is not None and int(test_steps) > kept:                  # statistics of steps 0..kept
+            raise SystemExit(f"this run keeps per-step batch-norm statistics for {kept} steps only")
+        run.method.config.test_steps = int(test_steps)
     rows = [[f"{w}-way {k}-shot", f"{r.mean:.2f} ± {r.ci95:.2f}", r.n, f"{sec:.0f}"]
             for w, k, r, sec in evaluate_settings(run, SETTINGS, a.test_episodes)]
     print()

@@ -15,10 +15,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, evaluate_settings, fit_fresh, machine, table
+from common import OMNIGLOT, ROOT, evaluate_settings, fit_fresh, load_trained, table
 
 import fewshot as fs
-from fewshot import checkpoint
 
 SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5)]
 EASYFSL = {(5, 1): "96.69 ± 0.27", (5, 5): "99.34 ± 0.09", (20, 1): "89.70 ± 0.21", (20, 5): "97.32 ± 0.08"}
@@ -35,14 +34,12 @@ def main() -> None:
                     help="test-time augmentation copies (default: the recipe's; 0: plain scores only)")
     ap.add_argument("--eval-only", action="store_true", help="test the run already trained in --out")
     a = ap.parse_args()
+    recipe_cfg = fs.RunConfig.load(a.recipe)
     if a.eval_only:
-        run = fs.load_run(a.out)
-        print(f"machine: {machine()}", flush=True)
+        run, steps, train_s = load_trained(Path(a.out))
         cfg = run.config
-        last = checkpoint.load(Path(a.out) / "checkpoints" / "last.pt")
-        steps, train_s = int(last["step"]), float(last["train_time_s"])
     else:
-        cfg = fs.RunConfig.load(a.recipe)
+        cfg = recipe_cfg
         cfg.data = a.data
         if a.episodes:
             cfg.train.episodes = a.episodes
@@ -50,7 +47,7 @@ def main() -> None:
         train_s, steps = run.train_result.train_time_s, run.train_result.steps
         print(f"trained {steps} steps: {train_s / 60:.1f} min of training steps "
               f"({wall / 60:.1f} min wall including data loading and validation)", flush=True)
-    tta = fs.RunConfig.load(a.recipe).tta if a.tta is None else a.tta
+    tta = recipe_cfg.tta if a.tta is None else a.tta
     plain = evaluate_settings(run, SETTINGS, a.test_episodes, tta=0)
     augmented = evaluate_settings(run, SETTINGS, a.test_episodes, tta=tta) if tta else []
     rows = []
