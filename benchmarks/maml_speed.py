@@ -9,9 +9,11 @@ Tagalog) with rotations. Every configuration runs in its own process so its peak
   process per core (``workers``, the default on CPU), and vmap; in the precision/layout a run picks on
   this machine (``auto``: bf16 autocast + channels-last on a CPU with AMX) and in fp32 NCHW;
 - learn2learn 0.2.0's MAML via ``../shared/anchors/anchor_maml_l2l.py`` (second and first order), when the
-  peers' virtual environment exists (``../shared/anchors/setup_anchor_venv.sh``).
+  peers' virtual environment exists (``../shared/anchors/setup_anchor_venv.sh``), as users run it, and as a
+  control with the glibc ``malloc`` settings fewshot's CPU task loop applies to itself
+  (``fewshot.parallel.tune_allocator``; the ``-glibc`` configurations of ours run without them).
 
-usage: python benchmarks/maml_speed.py [--iters 6] [--configs loop-auto,...] [--no-peer]
+usage: python benchmarks/maml_speed.py [--iters 6] [--repeats 3] [--configs loop-auto-2nd,...] [--no-peer]
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import argparse
 import json
 import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -30,15 +33,17 @@ from common import ANCHORS, OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, machine, tab
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
-    # name: (vectorize, first_order, precision, channels_last, chunk, workers)
-    "loop-auto-2nd": ("loop", False, "auto", "auto", 0, 0),
-    "loop-auto-1st": ("loop", True, "auto", "auto", 0, 0),
-    "loop1-auto-2nd": ("loop", False, "auto", "auto", 0, 1),
-    "loop1-auto-1st": ("loop", True, "auto", "auto", 0, 1),
-    "loop1-fp32-2nd": ("loop", False, "fp32", False, 0, 1),
-    "loop1-fp32-1st": ("loop", True, "fp32", False, 0, 1),
-    "vmap8-auto-2nd": ("vmap", False, "auto", False, 8, 1),
-    "vmap8-auto-1st": ("vmap", True, "auto", False, 8, 1),
+    # name: (vectorize, first_order, precision, channels_last, chunk, workers, tuned malloc)
+    "loop-auto-2nd": ("loop", False, "auto", "auto", 0, 0, True),
+    "loop-auto-1st": ("loop", True, "auto", "auto", 0, 0, True),
+    "loop-auto-2nd-glibc": ("loop", False, "auto", "auto", 0, 0, False),
+    "loop-auto-1st-glibc": ("loop", True, "auto", "auto", 0, 0, False),
+    "loop1-auto-2nd": ("loop", False, "auto", "auto", 0, 1, True),
+    "loop1-auto-1st": ("loop", True, "auto", "auto", 0, 1, True),
+    "loop1-fp32-2nd": ("loop", False, "fp32", False, 0, 1, True),
+    "loop1-fp32-1st": ("loop", True, "fp32", False, 0, 1, True),
+    "vmap8-auto-2nd": ("vmap", False, "auto", False, 8, 1, True),
+    "vmap8-auto-1st": ("vmap", True, "auto", False, 8, 1, True),
 }
 
 
@@ -46,7 +51,7 @@ def worker(name: str, iters: int, data: str, device: str, warmup: int = 2) -> di
     import fewshot as fs
     from fewshot.models import set_channels_last
     from fewshot.precision import autocast, resolve_channels_last, resolve_device, resolve_precision
-    vec, first, prec, cl, chunk, workers = CONFIGS[name]
+    vec, first, prec, cl, chunk, workers, _ = CONFIGS[name]
     dev = resolve_device(device)
     prec = resolve_precision(prec, dev)
     cl = resolve_channels_last(cl, dev)
@@ -94,17 +99,22 @@ def worker(name: str, iters: int, data: str, device: str, warmup: int = 2) -> di
 def run_ours(name: str, iters: int, data: str, device: str) -> dict:
     cmd = [sys.executable, str(HERE / "maml_speed.py"), "--worker", name, "--iters", str(iters), "--data", data,
            "--device", device]
-    p = subprocess.run(cmd, capture_output=True, text=True)
+    env = dict(os.environ, FEWSHOT_TUNE_MALLOC="1" if CONFIGS[name][6] else "0")
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if p.returncode != 0:
         return {"config": name, "error": (p.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def run_peer(iters: int, first: bool) -> dict | None:
+# glibc's environment equivalents of fewshot.parallel.tune_allocator, for the peer's control row
+TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
+
+
+def run_peer(iters: int, first: bool, tuned: bool = False) -> dict | None:
     script = ANCHORS / "anchor_maml_l2l.py"
     if not PEERS_PYTHON.exists() or not script.exists():
         return None
-    env = dict(os.environ, FIRST="1" if first else "0")
+    env = dict(os.environ, FIRST="1" if first else "0", **(TUNED_MALLOC_ENV if tuned else {}))
     p = subprocess.run([str(PEERS_PYTHON), script.name, str(iters)], cwd=ANCHORS, capture_output=True, text=True,
                        env=env)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]
@@ -113,49 +123,83 @@ def run_peer(iters: int, first: bool) -> dict | None:
     return json.loads(lines[-1])
 
 
+def _merge(results: list | None) -> dict | None:
+    """One row from several rounds of a configuration: median tasks/s, the largest peak memory."""
+    ok = [r for r in results or [] if r and "tasks_per_s" in r]
+    if not ok:
+        return None
+    out = dict(ok[0], tasks_per_s=round(statistics.median(r["tasks_per_s"] for r in ok), 2),
+               peak_rss_mb=max(r["peak_rss_mb"] for r in ok))
+    if "peak_gpu_mb" in out:
+        out["peak_gpu_mb"] = max(r["peak_gpu_mb"] for r in ok)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--iters", type=int, default=6, help="timed meta-iterations per configuration")
     ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated, from: " + ", ".join(CONFIGS))
     ap.add_argument("--data", default=str(OMNIGLOT))
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="rounds of every configuration, run in turn; the table gives medians (this machine is noisy)")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.worker:
         print(json.dumps(worker(a.worker, a.iters, a.data, a.device)))
         return
-    print(f"# MAML Omniglot 5w1s15q, meta-batch 32, 1 inner step (lr 0.4), Conv-4 64ch + BN; {machine()}")
-    results, peers = [], {}
+    print(f"# MAML Omniglot 5w1s15q, meta-batch 32, 1 inner step (lr 0.4), Conv-4 64ch + BN; {machine()}; "
+          f"median of {a.repeats} rounds")
     names = [n for n in a.configs.split(",") if n]
-    for order in ("second", "first"):
-        if not a.no_peer and a.device == "cpu":
-            peers[order] = run_peer(a.iters, order == "first")
-        for n in names:
-            if (CONFIGS[n][1] and order == "first") or (not CONFIGS[n][1] and order == "second"):
-                results.append(run_ours(n, a.iters, a.data, a.device))
+    runs: dict = {}          # (order, key) -> one result per round; key: "peer", "control" or a config name
+    for _ in range(a.repeats):
+        for order in ("second", "first"):
+            if not a.no_peer and a.device == "cpu":
+                runs.setdefault((order, "peer"), []).append(run_peer(a.iters, order == "first"))
+                runs.setdefault((order, "control"), []).append(run_peer(a.iters, order == "first", tuned=True))
+            for n in names:
+                if CONFIGS[n][1] == (order == "first"):
+                    runs.setdefault((order, n), []).append(run_ours(n, a.iters, a.data, a.device))
     rows = []
     for order in ("second", "first"):
-        peer = peers.get(order)
-        if peer and "tasks_per_s" in peer:
+        peer = _merge(runs.get((order, "peer")))
+
+        def versus(key):
+            """Median over rounds of the ratio to the peer's run of the same round, and its range."""
+            if not peer:
+                return "-"
+            r = [o["tasks_per_s"] / p["tasks_per_s"] for o, p in zip(runs[(order, key)], runs[(order, "peer")])
+                 if o and p and "tasks_per_s" in o and "tasks_per_s" in p]
+            if not r:
+                return "-"
+            return f"{statistics.median(r):.2f}" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else "")
+
+        if peer:
             rows.append([f"learn2learn 0.2.0 ({order} order)", "cpu", "fp32", "loop", peer["tasks_per_s"],
                          peer["peak_rss_mb"], "1.00"])
-        for r in results:
-            if r.get("order") != order and "error" not in r:
+            ctl = _merge(runs.get((order, "control")))
+            if ctl:
+                rows.append([f"learn2learn 0.2.0 ({order} order)", "cpu", "fp32", "loop, fewshot's malloc settings",
+                             ctl["tasks_per_s"], ctl["peak_rss_mb"], versus("control")])
+        for n in names:
+            if CONFIGS[n][1] != (order == "first"):
                 continue
-            if "error" in r:
-                if (CONFIGS[r["config"]][1]) == (order == "first"):
-                    rows.append([r["config"], "", "", "", "error: " + r["error"][:60], "", ""])
+            r = _merge(runs[(order, n)])
+            if r is None:
+                err = next((x["error"] for x in runs[(order, n)] if x and "error" in x), "failed")
+                rows.append([n, "", "", "", "error: " + err[:60], "", ""])
                 continue
-            ratio = f"{r['tasks_per_s'] / peer['tasks_per_s']:.2f}" if peer and "tasks_per_s" in peer else "-"
             mem = r["peak_rss_mb"] if "peak_gpu_mb" not in r else f"{r['peak_rss_mb']} (GPU {r['peak_gpu_mb']})"
             layout = "channels-last" if r["channels_last"] else "NCHW"
             how = (f"loop, {r['processes']} process" + ("es" if r["processes"] > 1 else "")) \
-                if r["vectorize"] == "loop" else f"vmap, chunk {CONFIGS[r['config']][4]}"
+                if r["vectorize"] == "loop" else f"vmap, chunk {CONFIGS[n][4]}"
+            if not CONFIGS[n][6]:
+                how += ", glibc malloc defaults"
             rows.append([f"fewshot maml ({order} order)", r["device"], f"{r['precision']} {layout}", how,
-                         r["tasks_per_s"], mem, ratio])
-    print(table(rows, ["implementation", "device", "precision", "task axis", "tasks/s", "peak RSS MB (all processes)",
-                       "× learn2learn (same run)"]))
+                         r["tasks_per_s"], mem, versus(n)])
+    print(table(rows, ["implementation", "device", "precision", "task axis", "tasks/s (median)",
+                       "peak RSS MB (all processes)", "× learn2learn (same round; range)"]))
 
 
 if __name__ == "__main__":

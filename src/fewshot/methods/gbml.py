@@ -310,6 +310,9 @@ class GradientMethod(Method):
             self._backend = "func"
             return vmap(f, in_dims=(None,) + (0,) * len(tensors), chunk_size=min(chunk, B),
                         randomness="error")(params, *tensors)
+        if device.type == "cpu":
+            from ..parallel import tune_allocator
+            tune_allocator()
         workers = self._workers(device, B)
         if workers == 1:
             return self.local_map(fn, params, *tensors, with_grad=with_grad, **kwargs)
