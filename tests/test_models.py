@@ -85,3 +85,32 @@ def test_precision_and_layout_resolution() -> None:
     assert resolve_precision("fp32", cpu) == "fp32"
     with pytest.raises(FewshotError, match="unknown precision"):
         resolve_precision("fp8", cpu)
+
+
+def test_batch_norm_twice_matches_the_fused_kernel_to_second_order() -> None:
+    """``batch_norm_twice`` (plain operations, used on second-order support passes) gives F.batch_norm's
+    values, gradients and second derivatives (Hessian-vector products) in float64, for image and vector
+    inputs, and its values to bf16 rounding on bf16 channels-last inputs."""
+    from fewshot.models.meta import batch_norm_twice
+    torch.manual_seed(0)
+    for shape in [(5, 4, 6, 6), (7, 3)]:
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 1).requires_grad_(True)
+        w = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+        b = torch.randn(shape[1], dtype=torch.float64, requires_grad=True)
+        r = torch.randn(shape, dtype=torch.float64)
+        v = [torch.randn_like(t) for t in (x, w, b)]
+        results = []
+        for f in (lambda: F.batch_norm(x, None, None, w, b, True, 0.0, 1e-5),
+                  lambda: batch_norm_twice(x, w, b, 1e-5)):
+            y = f()
+            g = torch.autograd.grad((y * r).sum(), (x, w, b), create_graph=True)
+            hv = torch.autograd.grad(sum((gi * vi).sum() for gi, vi in zip(g, v)), (x, w, b), allow_unused=True)
+            results.append([y, *g, *(h if h is not None else torch.zeros_like(t) for h, t in zip(hv, (x, w, b)))])
+        for a, c in zip(*results):
+            torch.testing.assert_close(a, c, rtol=1e-9, atol=1e-10)
+    x = torch.randn(5, 8, 6, 6).to(torch.bfloat16).contiguous(memory_format=torch.channels_last)
+    w, b = torch.rand(8) + 0.5, torch.randn(8)
+    y = batch_norm_twice(x, w, b, 1e-5)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), F.batch_norm(x.float(), None, None, w, b, True, 0.0, 1e-5),
+                               rtol=1e-2, atol=2e-2)

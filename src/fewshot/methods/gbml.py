@@ -208,10 +208,12 @@ class GradientMethod(Method):
         return lr
 
     # ------------------------------------------------------------------ the functional pieces
-    def forward_with(self, params: Params, x: torch.Tensor, step: int = 0):
-        """The network on ``x`` with ``params`` (network weights, optionally ``context``): ``(out, stats)``."""
+    def forward_with(self, params: Params, x: torch.Tensor, step: int = 0, twice: bool = False):
+        """The network on ``x`` with ``params`` (network weights, optionally ``context``): ``(out, stats)``.
+        ``twice``: the pass will be differentiated twice (batch norm picks a form that is cheap to)."""
         weights = {k: v for k, v in params.items() if not k.startswith("lr:") and k != "context"}
-        return functional_call(self.net, weights, (x,), {"step": step, "context": params.get("context")})
+        return functional_call(self.net, weights, (x,), {"step": step, "context": params.get("context"),
+                                                         "twice": twice})
 
     def initial_fast(self, params: Params, like: torch.Tensor) -> Params:
         fast = {k: params[k] for k in self.adapt_keys}
@@ -236,7 +238,7 @@ class GradientMethod(Method):
 
         for s in range(steps):
             def support_loss(f, s=s):
-                out, st = self.forward_with({**params, **f}, x, s)
+                out, st = self.forward_with({**params, **f}, x, s, twice=not first_order)
                 return task_loss(out, y, kind), st
             g, st = self.grad(support_loss, create_graph=not first_order)(fast)
             stats.append(st)
