@@ -11,10 +11,11 @@ The arithmetic of every task is exactly the single-process loop's; only the orde
 results are stacked is fixed (task order), so results match the loop up to float summation order
 downstream (tested).
 
-Both sides of the pool call :func:`tune_allocator` first: the per-task tensors (0.5-15 MB) are allocated
-and freed thousands of times per meta-batch, and glibc's default ``malloc`` hands most of them back to the
-kernel, so every new one costs page faults (about 1,500 per second-order MAML task on Omniglot, a few
-microseconds each on a virtual machine).
+The CPU task loop calls :func:`tune_allocator` in its own process and in every worker. Per-task tensors
+(0.5-15 MB) are allocated and freed thousands of times per meta-batch, and glibc's default ``malloc`` hands
+most of them back to the kernel, so every new one costs page faults (about 1,500 for the support pass of
+one second-order MAML task on Omniglot and its second derivative alone, a few microseconds each on a
+virtual machine).
 """
 from __future__ import annotations
 
