@@ -31,6 +31,8 @@ import torch
 
 from common import ANCHORS, OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, machine, table
 
+from fewshot.parallel import MALLOC_ENV     # tune_allocator's settings as glibc environment variables
+
 HERE = Path(__file__).resolve().parent
 CONFIGS = {
     # name: (vectorize, first_order, precision, channels_last, chunk, workers, tuned malloc)
@@ -106,15 +108,11 @@ def run_ours(name: str, iters: int, data: str, device: str) -> dict:
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-# glibc's environment equivalents of fewshot.parallel.tune_allocator, for the peer's control row
-TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(1 << 30)}
-
-
 def run_peer(iters: int, first: bool, tuned: bool = False) -> dict | None:
     script = ANCHORS / "anchor_maml_l2l.py"
     if not PEERS_PYTHON.exists() or not script.exists():
         return None
-    env = dict(os.environ, FIRST="1" if first else "0", **(TUNED_MALLOC_ENV if tuned else {}))
+    env = dict(os.environ, FIRST="1" if first else "0", **(MALLOC_ENV if tuned else {}))
     p = subprocess.run([str(PEERS_PYTHON), script.name, str(iters)], cwd=ANCHORS, capture_output=True, text=True,
                        env=env)
     lines = [l for l in p.stdout.splitlines() if l.startswith("{")]

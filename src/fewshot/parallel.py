@@ -33,8 +33,11 @@ from .errors import FewshotError
 
 _HEADER = struct.Struct("<Q")
 
-# glibc mallopt parameters
+# glibc mallopt parameters, and the values tune_allocator gives them
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
+#: the same settings as glibc environment variables, for processes fewshot does not run itself
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), "MALLOC_TRIM_THRESHOLD_": str(TRIM_THRESHOLD)}
 _tuned: Optional[bool] = None
 
 
@@ -55,9 +58,10 @@ def tune_allocator() -> bool:
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
-        _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30))
-    except (OSError, AttributeError):     # musl and other C libraries
-        _tuned = False
+        _tuned = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
+            libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    except (OSError, AttributeError):     # musl and other C libraries: _tuned stays False
+        pass
     return _tuned
 
 

@@ -126,16 +126,12 @@ class MetaConv4(nn.Module):
     def forward(self, x: torch.Tensor, step: int = 0, context: Optional[torch.Tensor] = None,
                 twice: bool = False):
         stats: List = []
-        cl = self.channels_last
-        if cl:
+        if self.channels_last:
+            # channels-last in, channels-last out, whatever the layout of the (adapted) weights
             x = channels_last_input(x)
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             x = conv(x)
-            if cl and i == 0:
-                # batch norm and max-pool are several times faster on the channels-last layout; with a
-                # channels_last_input the output already has it and this is a no-op
-                x = x.contiguous(memory_format=torch.channels_last)
             if self.norms is not None:
                 x = self.norms[i](x, step, stats, twice)
             if context is not None and i == last:
