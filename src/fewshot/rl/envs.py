@@ -1,0 +1,269 @@
+"""Reinforcement-learning task families, vectorised over tasks and rollouts.
+
+A :class:`TaskSource` is a family of environments with a task parameter (the arms' success probabilities
+of a bandit, the goal of a point robot). Everything is tensor code on a leading ``[B, R]`` (tasks,
+rollouts) axis pair: one Python step of :func:`rollout` advances every rollout of every task at once, so
+there is no Python loop per environment step per task.
+
+- :class:`BernoulliBandit` (``bandit:k=5,n=100``): ``k`` arms with success probabilities ``p ~ U(0, 1)``
+  per task, ``n`` pulls per episode (the RL^2 / pytorch-maml-rl setting). The observation is the constant
+  1 (a bandit has no state); the action is an arm index; the reward is a Bernoulli(p_arm) draw.
+- :class:`Navigation2D` (``navigation2d``): the MAML paper's point robot. Goal ``~ U[-0.5, 0.5]^2``, start
+  at the origin, action = velocity clipped to ``[-0.1, 0.1]`` per coordinate, reward ``-||x' - goal||``
+  after the move, at most 100 steps; an episode ends once the robot is within 0.01 (Euclidean) of the
+  goal, and later steps give reward 0 and are masked out.
+
+A user plugs in their own family by subclassing :class:`TaskSource` (``sample_tasks``, ``reset``,
+``step``); :class:`GymnasiumSource` wraps any gymnasium environment whose task parameter can be set.
+"""
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ..errors import FewshotError
+
+Tasks = Dict[str, torch.Tensor]
+
+
+@dataclass
+class Trajectories:
+    """Rollouts of ``B`` tasks x ``R`` rollouts x ``T`` steps.
+
+    ``obs`` ``[B, R, T, obs_dim]`` (the observation each action was taken in), ``actions`` ``[B, R, T]``
+    (discrete) or ``[B, R, T, action_dim]``, ``rewards`` ``[B, R, T]``, ``mask`` ``[B, R, T]`` (1 while the
+    episode was running, 0 after it ended)."""
+    obs: torch.Tensor
+    actions: torch.Tensor
+    rewards: torch.Tensor
+    mask: torch.Tensor
+
+    @property
+    def returns(self) -> torch.Tensor:
+        """Undiscounted return of each rollout ``[B, R]``."""
+        return (self.rewards * self.mask).sum(-1)
+
+    @property
+    def steps(self) -> int:
+        """Environment steps actually taken (masked steps excluded)."""
+        return int(self.mask.sum())
+
+
+class TaskSource(abc.ABC):
+    """A family of tasks for reinforcement learning.
+
+    Subclasses set ``name``, ``obs_dim``, ``horizon`` and either ``n_actions`` (discrete actions) or
+    ``action_dim`` (continuous), and implement :meth:`sample_tasks`, :meth:`reset` and :meth:`step`. Every
+    tensor has a leading task axis ``B``; states and observations have a rollout axis ``R`` after it."""
+
+    name: str = ""
+    obs_dim: int = 1
+    horizon: int = 1
+    n_actions: Optional[int] = None     #: discrete actions (a categorical policy)
+    action_dim: Optional[int] = None    #: continuous actions (a Gaussian policy)
+
+    @property
+    def discrete(self) -> bool:
+        return self.n_actions is not None
+
+    @abc.abstractmethod
+    def sample_tasks(self, n: int, generator: torch.Generator) -> Tasks:
+        """Parameters of ``n`` tasks, each a tensor with leading axis ``n``."""
+
+    @abc.abstractmethod
+    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+        """``(state, obs [B, R, obs_dim])`` at the start of ``rollouts`` episodes of every task."""
+
+    @abc.abstractmethod
+    def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
+        """``(state, obs, reward [B, R], done [B, R])`` after ``action`` ([B, R] or [B, R, action_dim])."""
+
+    def optimal_return(self, tasks: Tasks) -> Optional[torch.Tensor]:
+        """Expected return of the best policy that knows the task ``[B]`` (an oracle), when known."""
+        return None
+
+
+class BernoulliBandit(TaskSource):
+    """``k``-armed Bernoulli bandit, ``n`` pulls per episode, arm probabilities ``U(0, 1)`` per task."""
+
+    name = "bandit"
+    obs_dim = 1
+
+    def __init__(self, k: int = 5, n: int = 100):
+        if int(k) < 2:
+            raise FewshotError(f"a bandit needs at least 2 arms, got k={k}")
+        if int(n) < 1:
+            raise FewshotError(f"a bandit episode needs at least 1 pull, got n={n}")
+        self.k, self.n = int(k), int(n)
+        self.n_actions, self.horizon = self.k, self.n
+
+    def sample_tasks(self, n: int, generator: torch.Generator) -> Tasks:
+        return {"p": torch.rand(n, self.k, generator=generator, device=generator.device)}
+
+    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+        p = tasks["p"]
+        return None, p.new_ones(p.shape[0], rollouts, 1)
+
+    def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
+        p = tasks["p"]
+        pa = p.gather(1, action.long()).to(p.dtype)           # [B, R]
+        reward = (torch.rand(pa.shape, generator=generator, device=p.device) < pa).to(p.dtype)
+        return None, p.new_ones(*action.shape, 1), reward, torch.zeros_like(reward, dtype=torch.bool)
+
+    def optimal_return(self, tasks: Tasks) -> torch.Tensor:
+        return self.n * tasks["p"].max(1).values
+
+    def __repr__(self) -> str:
+        return f"BernoulliBandit(k={self.k}, n={self.n})"
+
+
+class Navigation2D(TaskSource):
+    """The MAML paper's 2-D point robot (Finn et al. 2017, section 5.3)."""
+
+    name = "navigation2d"
+    obs_dim = 2
+    action_dim = 2
+
+    def __init__(self, horizon: int = 100, goal_range: float = 0.5, max_speed: float = 0.1,
+                 tolerance: float = 0.01):
+        if int(horizon) < 1:
+            raise FewshotError(f"navigation episodes need at least 1 step, got horizon={horizon}")
+        self.horizon, self.goal_range = int(horizon), float(goal_range)
+        self.max_speed, self.tolerance = float(max_speed), float(tolerance)
+
+    def sample_tasks(self, n: int, generator: torch.Generator) -> Tasks:
+        u = torch.rand(n, 2, generator=generator, device=generator.device)
+        return {"goal": (2 * u - 1) * self.goal_range}
+
+    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+        g = tasks["goal"]
+        pos = g.new_zeros(g.shape[0], rollouts, 2)
+        return pos, pos
+
+    def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
+        pos = state + action.clamp(-self.max_speed, self.max_speed)
+        dist = (pos - tasks["goal"].unsqueeze(1)).norm(dim=-1)
+        return pos, pos, -dist, dist < self.tolerance
+
+    def oracle_action(self, tasks: Tasks, obs: torch.Tensor) -> torch.Tensor:
+        """The best action when the goal is known: the clipped step towards it. Each coordinate's
+        distance to the goal then shrinks as fast as the speed limit allows, so every step's distance is
+        the smallest reachable and the return is the highest possible."""
+        return (tasks["goal"].unsqueeze(1) - obs).clamp(-self.max_speed, self.max_speed)
+
+    def optimal_return(self, tasks: Tasks) -> torch.Tensor:
+        g = torch.Generator(device=tasks["goal"].device)
+        traj = rollout(self, tasks, lambda obs, t: self.oracle_action(tasks, obs), 1, g)
+        return traj.returns[:, 0]
+
+    def __repr__(self) -> str:
+        return f"Navigation2D(horizon={self.horizon})"
+
+
+class GymnasiumSource(TaskSource):
+    """Any gymnasium environment with a task parameter, as a :class:`TaskSource`.
+
+    ``make_env(task)`` builds (or re-parameterises) one environment for a task parameter vector (a 1-D
+    tensor); ``sample_task(generator)`` draws one. Rollouts step ``B x R`` environments one after another
+    (gymnasium environments are not batched), so this source is for plugging in simulators, not for speed.
+    """
+
+    def __init__(self, make_env: Callable, sample_task: Callable, horizon: int, name: str = "gymnasium"):
+        try:
+            import gymnasium  # noqa: F401
+        except ImportError:
+            raise FewshotError("GymnasiumSource needs gymnasium: pip install 'fewshot[rl]'") from None
+        self.make_env, self.sample_task, self.horizon, self.name = make_env, sample_task, int(horizon), name
+        probe = make_env(sample_task(torch.Generator()))
+        space = probe.action_space
+        self.obs_dim = int(math.prod(probe.observation_space.shape))
+        if hasattr(space, "n"):
+            self.n_actions = int(space.n)
+        else:
+            self.action_dim = int(math.prod(space.shape))
+            self.low = torch.as_tensor(space.low, dtype=torch.float32)
+            self.high = torch.as_tensor(space.high, dtype=torch.float32)
+        probe.close()
+
+    def sample_tasks(self, n: int, generator: torch.Generator) -> Tasks:
+        return {"task": torch.stack([torch.as_tensor(self.sample_task(generator), dtype=torch.float32)
+                                     for _ in range(n)])}
+
+    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+        envs = [[self.make_env(t) for _ in range(rollouts)] for t in tasks["task"]]
+        seeds = torch.randint(2 ** 31 - 1, (len(envs), rollouts)).tolist()
+        obs = torch.tensor([[env.reset(seed=s)[0] for env, s in zip(row, srow)] for row, srow in zip(envs, seeds)],
+                           dtype=torch.float32).view(len(envs), rollouts, -1)
+        return envs, obs
+
+    def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
+        obs, rew, done = [], [], []
+        for b, row in enumerate(state):
+            o_row, r_row, d_row = [], [], []
+            for r, env in enumerate(row):
+                a = action[b, r]
+                a = int(a) if self.discrete else torch.max(torch.min(a.float(), self.high), self.low).numpy()
+                o, rwd, term, trunc, _ = env.step(a)
+                o_row.append(torch.as_tensor(o, dtype=torch.float32).flatten())
+                r_row.append(float(rwd))
+                d_row.append(bool(term or trunc))
+            obs.append(torch.stack(o_row))
+            rew.append(r_row)
+            done.append(d_row)
+        return state, torch.stack(obs), torch.tensor(rew), torch.tensor(done)
+
+
+def rollout(source: TaskSource, tasks: Tasks, policy: Callable, rollouts: int,
+            generator: torch.Generator) -> Trajectories:
+    """Run ``policy(obs [B, R, obs_dim], t) -> action`` for ``rollouts`` episodes of every task.
+
+    One Python iteration per time step, each advancing all ``B x R`` episodes; an episode that has ended
+    keeps stepping but its steps are masked out (reward 0)."""
+    state, obs = source.reset(tasks, rollouts)
+    B = obs.shape[0]
+    running = torch.ones(B, rollouts, dtype=torch.bool, device=obs.device)
+    all_obs, all_act, all_rew, all_mask = [], [], [], []
+    for t in range(source.horizon):
+        action = policy(obs, t)
+        all_obs.append(obs)
+        all_act.append(action)
+        state, obs, reward, done = source.step(tasks, state, action, generator)
+        all_mask.append(running)
+        all_rew.append(reward * running)
+        running = running & ~done
+    mask = torch.stack(all_mask, 2).to(all_rew[0].dtype)
+    return Trajectories(torch.stack(all_obs, 2), torch.stack(all_act, 2), torch.stack(all_rew, 2), mask)
+
+
+def parse_options(spec: str, allowed: dict) -> dict:
+    """``"bandit:k=5,n=100"`` -> ``{"k": 5, "n": 100}`` with integer values; keys must be in ``allowed``
+    (name -> default)."""
+    name, _, rest = str(spec).partition(":")
+    out = dict(allowed)
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or key not in allowed:
+            raise FewshotError(f"bad task spec {spec!r}: expected {name}:" +
+                               ",".join(f"{k}=N" for k in allowed))
+        try:
+            out[key] = int(value)
+        except ValueError:
+            raise FewshotError(f"bad task spec {spec!r}: {key} must be an integer, got {value!r}") from None
+    return out
+
+
+SOURCES = {"bandit": BernoulliBandit, "navigation2d": Navigation2D}
+
+
+def make_source(spec: str) -> TaskSource:
+    """A task source from a ``--data`` string: ``bandit[:k=K,n=N]`` or ``navigation2d[:horizon=T]``."""
+    name = str(spec).partition(":")[0]
+    if name == "bandit":
+        return BernoulliBandit(**parse_options(spec, {"k": 5, "n": 100}))
+    if name == "navigation2d":
+        return Navigation2D(**parse_options(spec, {"horizon": 100}))
+    raise FewshotError(f"unknown RL task family {spec!r}; choose from {', '.join(SOURCES)}")
