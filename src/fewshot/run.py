@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import csv
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
 import torch
 
-from . import checkpoint, data as fsdata, methods, tasks
+from . import checkpoint, data as fsdata, methods, rundir, tasks
 from .augment import build_transform
 from .config import RunConfig, parse_split
 from .data.dataset import ClassDataset
@@ -30,10 +31,17 @@ from .tta import with_tta
 
 # ------------------------------------------------------------------------------------------ splits
 def split_dataset(ds: ClassDataset, cfg: RunConfig) -> tuple:
-    """(train, val, test) class splits of ``ds`` as the config says."""
+    """(train, val, test) class splits of ``ds`` as the config says; ``val`` is None without a validation
+    split, ``test`` is None for ``split: none`` (every class trains but the validation share)."""
     sp = parse_split(cfg.split)
+    if sp["kind"] == "auto":     # the split the data comes with (mini-ImageNet's), else a seeded 80-20
+        sp = {"kind": "published"} if fsdata.has_published_split(ds) else parse_split("fraction:0.2")
     val = None
-    if sp["kind"] == "fraction":
+    if sp["kind"] == "published":
+        train, val, test = fsdata.published_split(ds)
+    elif sp["kind"] == "none":
+        train, test = ds, None
+    elif sp["kind"] == "fraction":
         train, test = ds.split_fraction(test=sp["test"], seed=cfg.split_seed)
     elif sp["kind"] == "named":
         from .data.cifar import named_split
@@ -113,19 +121,30 @@ class Run:
 
 
 def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, on_step=None,
-        dataset: Optional[ClassDataset] = None, overwrite: bool = False) -> Run:
+        dataset: Optional[ClassDataset] = None, overwrite: bool = False, check_test: bool = False) -> Run:
     """Train ``cfg.method`` as configured; returns the trained run (best checkpoint loaded).
 
-    ``overwrite`` deletes an earlier run in ``out`` first; without it (and without ``resume``) an existing
-    run is an error rather than being silently mixed with the new one.
+    Before the first step the config is checked (:meth:`RunConfig.check`), unset validation/test episode
+    settings are chosen from the data (:func:`resolve_episodes`, recorded in the run's config) and every
+    sampler is checked against its classes: training, validation and, with ``check_test``, the test
+    episodes a final evaluation will draw (``fit`` itself does not test; ``fewshot train`` asks for the check
+    unless given ``--no-eval``).
+
+    The run folder is claimed first (:class:`fewshot.rundir.RunFolder`): ``out`` must be writable, it is
+    locked while the run uses it (a second run on it is refused, naming the holder), ``overwrite`` replaces
+    only the files an earlier fewshot run wrote there (a folder fewshot did not create is refused), and
+    without it (and without ``resume``) an existing run is an error rather than being mixed with the new one.
+    ``resume`` continues the run exactly and refuses settings that differ from the run's, except a longer
+    run (more episodes, a longer time limit).
     """
     out = Path(out)
-    if out.exists() and not resume and (out / "checkpoints" / "last.pt").exists():
-        if not overwrite:
-            raise FewshotError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
-                               "replace it, or choose another --out")
-        import shutil
-        shutil.rmtree(out)
+    with rundir.RunFolder(out, resume=resume, overwrite=overwrite) as folder:
+        return _fit(cfg, out, folder, resume, progress, on_step, dataset, check_test)
+
+
+def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, progress: bool, on_step,
+         dataset: Optional[ClassDataset], check_test: bool) -> Run:
+    """:func:`fit` inside its claimed run folder (nothing in ``out`` changes before ``folder.create``)."""
     device = resolve_device(cfg.device)
     cfg.precision = resolve_precision(cfg.precision, device)
     cfg.channels_last = resolve_channels_last(cfg.channels_last, device)
@@ -136,9 +155,11 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
             old = RunConfig.load(saved)
             if old.method != cfg.method:
                 raise FewshotError(f"{out} holds a {old.method!r} run, not {cfg.method!r}")
+    cfg.check()
     if tasks.is_family(cfg.data):
-        return _fit_family(cfg, out, device, resume, progress, on_step)
+        return _fit_family(cfg, out, folder, device, resume, progress, on_step)
     ds = dataset if dataset is not None else fsdata.load(cfg.data, size=cfg.size, channels=cfg.channels,
+                                                         labels=cfg.labels, label_pattern=cfg.label_pattern,
                                                          invert=cfg.invert)
     ds = with_run_attributes(ds, cfg)
     train_ds, val_ds, test_ds = split_dataset(ds, cfg)
@@ -146,21 +167,28 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
         train_ds = train_ds.with_rotations()
     _fill_outputs(cfg, cfg.ways)
     _fill_attr_dim(cfg, ds)
+    # every sampler's shape is checked here, before the first step (the test one too, unless not wanted)
+    if not cfg.train.val_every:
+        val_ds = None
+    chosen = resolve_episodes(cfg, val_ds, test_ds)
+    semi = dict(unlabeled=cfg.unlabeled, distractors=cfg.distractors)
+    sampler = episode_sampler("training", train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch,
+                              device=device, seed=cfg.seed, transform=build_transform(cfg.augment),
+                              same_group=cfg.same_group, **semi)
+    val_sampler = None
+    if val_ds is not None:
+        val_sampler = episode_sampler("validation", val_ds, cfg.val_ways, cfg.val_shots, cfg.val_queries,
+                                      device=device, seed=1, **semi)
+    if test_ds is not None and check_test:
+        episode_sampler("test", test_ds, cfg.test_ways, cfg.test_shots, cfg.test_queries, dtype=None, **semi)
     torch.manual_seed(cfg.seed)
     method = methods.build(cfg.method, ds.image_shape, **cfg.options)
-    sampler = EpisodeSampler(train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
-                             seed=cfg.seed, transform=build_transform(cfg.augment), same_group=cfg.same_group,
-                             unlabeled=cfg.unlabeled, distractors=cfg.distractors)
-    val_sampler = None
-    if val_ds is not None and cfg.train.val_every:
-        val_ways = min(cfg.val_ways, len(val_ds) - cfg.distractors)
-        val_sampler = EpisodeSampler(val_ds, val_ways, cfg.val_shots, cfg.val_queries, device=device, seed=1,
-                                     unlabeled=cfg.unlabeled, distractors=cfg.distractors)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+    if chosen:
+        print(f"fewshot: {chosen}", file=sys.stderr)
+    folder.create(cfg)          # creates, cleans and locks the folder, refuses changed settings on resume
     for name, part in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
         if part is not None:
-            (out / f"classes_{name}.txt").write_text("".join(n + "\n" for n in part.names))
+            folder.write_text(f"classes_{name}.txt", "".join(n + "\n" for n in part.names))
     meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
     result = train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
                    progress=progress, on_step=on_step)
@@ -168,6 +196,86 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
     run = load_run(out, "best", device=device)
     run.train_result = result
     return run
+
+
+#: validation and test episodes when the run does not set them: 5 ways, 15 queries per class (the
+#: literature's usual protocol), fewer when the data or a fixed-size head cannot supply them
+EVAL_WAYS, EVAL_QUERIES = 5, 15
+
+#: the flags of each episode setting, for messages
+_FLAGS = {"training": ("--ways", "--shots", "--queries"),
+          "validation": ("--val-ways", "--val-shots", "--val-queries"),
+          "test": ("--test-ways", "--test-shots", "--test-queries")}
+
+
+def head_size(cfg: RunConfig) -> Optional[int]:
+    """The most ways a method with a fixed-size classification head (an ``outputs`` option, e.g. the MAML
+    family) can label in a task; ``None`` when its head adapts to any number of ways."""
+    from dataclasses import fields
+    if tasks.is_family(cfg.data) or "outputs" not in {f.name for f in fields(methods.get(cfg.method).Config)}:
+        return None
+    return int(cfg.options["outputs"]) if cfg.options.get("outputs") else None
+
+
+def default_queries(ds: ClassDataset, shots: int, unlabeled: int = 0) -> int:
+    """:data:`EVAL_QUERIES`, or fewer when the smallest class of ``ds`` has too few images for ``shots``
+    support + ``unlabeled`` unlabelled + that many query images (at least 1: a class too small for even
+    one query is then reported by the sampler, naming the shots)."""
+    return max(1, min(EVAL_QUERIES, int(ds.counts.min()) - int(shots) - int(unlabeled)))
+
+
+def resolve_episodes(cfg: RunConfig, val_ds: Optional[ClassDataset], test_ds: Optional[ClassDataset]) -> str:
+    """Fill the validation and test episode settings the user left unset (``None``) from the data, in place
+    (so the run's config records them), and check them against a fixed-size head.
+
+    Ways: :data:`EVAL_WAYS`, at most the head's outputs; validation ways also at most the validation
+    classes (validation only picks the best checkpoint, so a small validation split is used whole; the test
+    ways are what the result reports, so they are never lowered to fit the test split). Queries:
+    :func:`default_queries` of that split. Returns a one-line description of what was chosen ("" if
+    nothing)."""
+    head, semi = head_size(cfg), cfg.unlabeled
+    if head is not None and cfg.ways > head:
+        raise FewshotError(f"--ways {cfg.ways} is more than the {head} outputs of {cfg.method}'s head (--outputs)")
+    chosen = []
+    for what, ds, prefix in (("validation", val_ds, "val"), ("test", test_ds, "test")):
+        if ds is None:
+            continue
+        picked = False
+        ways = getattr(cfg, f"{prefix}_ways")
+        if ways is None:
+            ways, picked = min(EVAL_WAYS, head or EVAL_WAYS), True
+        elif head is not None and ways > head:
+            raise FewshotError(f"{_FLAGS[what][0]} {ways} is more than the {head} outputs of {cfg.method}'s "
+                               f"head (--outputs, default: --ways)")
+        if what == "validation" and ways > len(ds) - cfg.distractors >= 1:
+            ways, picked = len(ds) - cfg.distractors, True      # a small validation split is used whole
+        setattr(cfg, f"{prefix}_ways", ways)
+        shots = getattr(cfg, f"{prefix}_shots")
+        if getattr(cfg, f"{prefix}_queries") is None:
+            setattr(cfg, f"{prefix}_queries", default_queries(ds, shots, semi))
+            picked = True
+        if picked:
+            chosen.append(f"{what} {ways}-way {shots}-shot {getattr(cfg, f'{prefix}_queries')}-query")
+    if not chosen:
+        return ""
+    return (", ".join(chosen) + " episodes (not set, so chosen from the data; "
+            f"{', '.join(f for w in ('validation', 'test') for f in (_FLAGS[w][0], _FLAGS[w][2]))} set them)")
+
+
+def episode_sampler(what: str, ds: ClassDataset, ways: int, shots: int, queries: int, **kw) -> EpisodeSampler:
+    """An :class:`EpisodeSampler`; an episode shape the classes cannot supply is an error naming the
+    ``what`` ("training", "validation", "test") flags and their values."""
+    try:
+        return EpisodeSampler(ds, ways, shots, queries, **kw)
+    except FewshotError as e:
+        fw, fs, fq = _FLAGS[what]
+        raise FewshotError(f"{what} episodes ({fw} {ways} {fs} {shots} {fq} {queries}) do not fit the {what} "
+                           f"classes: {e}") from None
+
+
+def has_test_split(cfg: RunConfig) -> bool:
+    """Whether the run holds out test classes (or test tasks, for a task family): not for ``split: none``."""
+    return tasks.is_family(cfg.data) or parse_split(cfg.split)["kind"] != "none"
 
 
 def _post_train(method: str, out: Path, train_ds: ClassDataset, device, seed: int) -> None:
@@ -209,7 +317,7 @@ def _fill_attr_dim(cfg: RunConfig, ds: ClassDataset) -> None:
 FAMILY_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
-def _fit_family(cfg: RunConfig, out: Path, device, resume, progress, on_step) -> Run:
+def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, resume, progress, on_step) -> Run:
     """``fit`` for task families (sine, toy-binary): tasks are drawn, not split from classes."""
     train_tasks = tasks.make(cfg.data, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
                              seed=cfg.seed + FAMILY_SEEDS["train"])
@@ -218,14 +326,16 @@ def _fit_family(cfg: RunConfig, out: Path, device, resume, progress, on_step) ->
     else:
         cfg.ways = train_tasks.ways
     _fill_outputs(cfg, train_tasks.outputs)
+    for key in ("val_queries", "test_queries"):    # a family draws as many queries as asked
+        if getattr(cfg, key) is None:
+            setattr(cfg, key, EVAL_QUERIES)
     torch.manual_seed(cfg.seed)
     method = methods.build(cfg.method, train_tasks.in_shape, **cfg.options)
     val_sampler = None
     if cfg.train.val_every:
         val_sampler = tasks.make(cfg.data, cfg.val_shots, cfg.val_queries, device=device,
                                  seed=FAMILY_SEEDS["val"], ways=cfg.ways or None)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg.save(out / "config.yaml")
+    folder.create(cfg)
     meta = {"preprocess": Preprocess(size=(0, 0), channels=0).to_dict(), "run_config": cfg.to_dict(),
             "data_source": cfg.data, "task_family": cfg.data, "in_shape_family": list(train_tasks.in_shape)}
     result = train(method, train_tasks, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
@@ -250,25 +360,36 @@ def load_run(path: str | Path, which: str = "best", device=None) -> Run:
     for key in ("method", "method_config", "in_shape", "model", "preprocess"):
         if key not in ck:
             raise FewshotError(f"{ck_path} is not a fewshot run checkpoint (missing {key!r})")
+    try:
+        preprocess = Preprocess.from_dict(ck["preprocess"])
+        cfg = RunConfig.from_dict(ck.get("run_config") or {"method": ck["method"]})
+    except FewshotError as e:
+        raise FewshotError(f"{ck_path} is not a usable fewshot run checkpoint: {e}") from None
     method = methods.build(ck["method"], ck["in_shape"], **ck["method_config"])
     try:
         method.load_state_dict(ck["model"])
     except RuntimeError as e:
         raise FewshotError(f"{ck_path} does not fit a {ck['method']} model of input shape "
                            f"{tuple(ck['in_shape'])}: {str(e).splitlines()[0]}") from None
-    cfg = RunConfig.from_dict(ck.get("run_config") or {"method": ck["method"]})
     method.to(dev)
     channels_last = resolve_channels_last(cfg.channels_last, dev)
     set_channels_last(method, channels_last)
     method.eval()
     precision = resolve_precision(cfg.precision if cfg.precision in ("fp32", "bf16") else "auto", dev)
-    return Run(method, cfg, Preprocess.from_dict(ck["preprocess"]), run_dir, dev, precision, ck)
+    return Run(method, cfg, preprocess, run_dir, dev, precision, ck)
 
 
 def task_family(run: Run, data: Optional[str] = None) -> Optional[str]:
     """The task family (sine, toy-binary) to draw held-out tasks from: ``data`` if it names one, else the
     run's own family when ``data`` is not given; ``None`` for class data."""
     spec = data if data is not None else run.config.data
+    trained = run.config.data if tasks.is_family(run.config.data) else None
+    if tasks.is_family(spec) and trained is None:
+        raise FewshotError(f"--data {spec} is a task family, but this run was trained on the classes of "
+                           f"{run.config.data}; evaluate it on image classes")
+    if trained is not None and not tasks.is_family(spec):
+        raise FewshotError(f"this run was trained on the {trained!r} task family; --data must name a task "
+                           f"family too, got {spec}")
     return spec if tasks.is_family(spec) else None
 
 
@@ -277,36 +398,61 @@ def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
     cfg = run.config
     if data is not None:
         return with_run_attributes(fsdata.load_like(data, run.preprocess), cfg)
-    ds = with_run_attributes(fsdata.load_like(cfg.data, run.preprocess), cfg)
+    if not has_test_split(cfg):
+        raise FewshotError(f"run {run.path} holds out no test classes (trained with --split none); pass --data "
+                           "to evaluate on the classes of another data set")
+    ds = with_run_attributes(fsdata.load_like(cfg.data, run.preprocess, labels=cfg.labels,
+                                              label_pattern=cfg.label_pattern), cfg)
     listed = run.path / "classes_test.txt"
     if listed.is_file():
         return ds.split_by_names(_read_list(str(listed)))[0]
     return split_dataset(ds, cfg)[2]
 
 
-def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int = 1, queries: int = 15,
-                 episodes: int = 1000, seed: int = 0, progress: bool = True, save: bool = True,
-                 unlabeled: Optional[int] = None, distractors: Optional[int] = None,
+def evaluate_run(run: Run, data: Optional[str] = None, ways: Optional[int] = None, shots: Optional[int] = None,
+                 queries: Optional[int] = None, episodes: int = 1000, seed: int = 0, progress: bool = True,
+                 save: bool = True, unlabeled: Optional[int] = None, distractors: Optional[int] = None,
                  tta: Optional[int] = None) -> EvalResult:
     """Evaluate a run on held-out classes (or held-out tasks of a task family); writes
-    ``eval/<N>w<K>s….json`` and the per-episode CSV. ``unlabeled``/``distractors`` (semi-supervised
-    episodes) and ``tta`` (test-time augmentation copies, :mod:`fewshot.tta`) default to the run's
-    settings."""
+    ``eval/<N>w<K>s….json`` and the per-episode CSV. ``ways``/``shots``/``queries`` default to the run's
+    test settings (``queries`` on other ``data``: :func:`default_queries` of that data);
+    ``unlabeled``/``distractors`` (semi-supervised episodes) and ``tta`` (test-time augmentation copies,
+    :mod:`fewshot.tta`) default to the run's settings too."""
+    cfg = run.config
+    for flag, v in (("--ways", ways), ("--shots", shots), ("--queries", queries), ("--episodes", episodes)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise FewshotError(f"{flag} must be at least 1, got {v!r}")
     family = task_family(run, data)
     method, copies = tta_method(run, tta, family)
+    shots = cfg.test_shots if shots is None else shots
     if family is not None:
+        queries = queries or cfg.test_queries or EVAL_QUERIES
         sampler = tasks.make(family, shots, queries, device=run.device, seed=FAMILY_SEEDS["test"] + seed,
                              ways=None)
+        if tuple(sampler.in_shape) != tuple(run.checkpoint["in_shape"]):
+            raise FewshotError(f"--data {family} tasks have inputs of shape {tuple(sampler.in_shape)}, but this "
+                               f"run was trained on {tuple(run.checkpoint['in_shape'])}")
         ds = None
         tag = f"{family}-{shots}s{queries}q-seed{seed}"
         if getattr(sampler, "metric", None):    # a family with its own metric (copy): shots/queries unused
             tag = f"{family.replace(':', '-')}-seed{seed}"
     else:
         ds = test_classes(run, data)
-        u = run.config.unlabeled if unlabeled is None else int(unlabeled)
-        d = run.config.distractors if distractors is None else int(distractors)
-        sampler = EpisodeSampler(ds, ways, shots, queries, device=run.device, seed=seed, unlabeled=u,
-                                 distractors=d)
+        u = cfg.unlabeled if unlabeled is None else int(unlabeled)
+        d = cfg.distractors if distractors is None else int(distractors)
+        head = head_size(cfg)
+        if ways is None:
+            ways = cfg.test_ways or min(EVAL_WAYS, head or EVAL_WAYS)
+        elif head is not None and ways > head:
+            raise FewshotError(f"--ways {ways} is more than the {head} outputs of this {cfg.method} run's head")
+        if queries is None:
+            queries = cfg.test_queries if data is None and cfg.test_queries else default_queries(ds, shots, u)
+        try:
+            sampler = EpisodeSampler(ds, ways, shots, queries, device=run.device, seed=seed, unlabeled=u,
+                                     distractors=d)
+        except FewshotError as e:
+            raise FewshotError(f"--ways {ways} --shots {shots} --queries {queries} episodes do not fit "
+                               f"{data or 'the test classes'}: {e}") from None
         tag = (f"{ways}w{shots}s{queries}q" + (f"{u}u" if u else "") + (f"{d}d" if d else "") + f"-seed{seed}"
                + ("" if data is None else "-" + Path(data).name) + (f"-tta{copies}" if copies else ""))
     csv_path = run.path / "eval" / f"{tag}.csv" if save else None
@@ -316,6 +462,8 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: int = 5, shots: int
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
             {**res.summary(), "data": data or run.config.data, "classes": len(ds) if ds is not None else None,
              "checkpoint_step": run.checkpoint.get("step")}, indent=1))
+        rundir.record(csv_path)             # fewshot's files in the run folder, for --overwrite
+        rundir.record(run.path / "eval" / f"{tag}.json")
     return res
 
 
@@ -345,6 +493,7 @@ def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: 
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
             {**res, "data": data or run.config.data, "classes": len(ds),
              "checkpoint_step": run.checkpoint.get("step")}, indent=1))
+        rundir.record(run.path / "eval" / f"{tag}.json")
     return res
 
 
@@ -361,6 +510,8 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
     if tasks.is_family(run.config.data):
         raise FewshotError(f"predict labels image files; this run was trained on the {run.config.data!r} task "
                            "family (use method.predict in Python for its tasks)")
+    if out_csv is not None and Path(out_csv).is_dir():
+        raise FewshotError(f"--out {out_csv} is a folder; name the CSV file to write")
     sup = fsdata.load_support(support, run.preprocess)
     files: List[Path] = []
     for q in query:
@@ -379,12 +530,16 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
     rows = [(str(f), sup.names[int(p)], float(c)) for f, p, c in zip(files, pred, conf)]
     if out_csv is not None:
         out_csv = Path(out_csv)
-        out_csv.parent.mkdir(parents=True, exist_ok=True)
-        with open(out_csv, "w", newline="") as fh:
-            w = csv.writer(fh)
-            w.writerow(["query", "predicted", "probability"])
-            for r in rows:
-                w.writerow([r[0], r[1], f"{r[2]:.4f}"])
+        try:
+            out_csv.parent.mkdir(parents=True, exist_ok=True)
+            with open(out_csv, "w", newline="") as fh:
+                w = csv.writer(fh)
+                w.writerow(["query", "predicted", "probability"])
+                for r in rows:
+                    w.writerow([r[0], r[1], f"{r[2]:.4f}"])
+            rundir.record(out_csv)
+        except OSError as e:
+            raise FewshotError(f"cannot write --out {out_csv}: {e.strerror or e}") from None
     return rows
 
 
@@ -410,4 +565,5 @@ def lake_eval(run: Run, path: str, tta: Optional[int] = None) -> dict:
     res = {"runs": per_run, "error_rate": 100.0 * wrong_total / max(n_total, 1), "n": n_total, "tta": copies}
     (run.path / "eval").mkdir(parents=True, exist_ok=True)
     (run.path / "eval" / "lake_runs.json").write_text(json.dumps(res, indent=1))
+    rundir.record(run.path / "eval" / "lake_runs.json")
     return res

@@ -1,10 +1,12 @@
-"""Data: :class:`ClassDataset` and its loaders (Omniglot, CIFAR-100, image folders, audio clips, glyphs,
-Lake's one-shot runs).
+"""Data: :class:`ClassDataset` and its loaders (Omniglot, CIFAR-100, mini-ImageNet, image folders, labelled
+flat folders, audio clips, glyphs, Lake's one-shot runs).
 
 ``load(spec, ...)`` resolves what a user passes as ``--data``: the name of a built-in set ("glyphs"),
-"omniglot" or "cifar100" (found through ``$FEWSHOT_DATA``), or a path (Omniglot zips or folders, the
-CIFAR-100 python archive or folder, an image folder with one subfolder per class, or a folder of audio
-clips with one subfolder per class).
+"omniglot", "cifar100" or "mini-imagenet" (found through ``$FEWSHOT_DATA``), or a path (Omniglot zips or
+folders, the CIFAR-100 python archive or folder, mini-ImageNet's CSV or pickle layout, an image folder with
+one subfolder per class, or a folder of audio clips with one subfolder per class). With ``labels`` (a
+``path,label`` CSV) or ``label_pattern`` (a regular expression on file names) the folder's images are
+labelled by that instead (:mod:`fewshot.data.labeled`).
 """
 from __future__ import annotations
 
@@ -20,14 +22,18 @@ from .dataset import ClassDataset, cached
 from .folder import image_folder, list_images, load_files
 from .glyphs import glyphs
 from .images import Preprocess, load_image
+from .labeled import labeled_folder
 from .lake import LakeRun, load_lake_runs
+from .miniimagenet import has_published_split, is_mini_imagenet, mini_imagenet, published_split
+from .miniimagenet import default_root as mini_imagenet_root
 from .omniglot import FILES as OMNIGLOT_FILES, default_root, download_file, omniglot
 
 __all__ = ["ClassDataset", "Preprocess", "cached", "glyphs", "image_folder", "list_images", "load",
            "load_files", "load_image", "load_lake_runs", "LakeRun", "omniglot", "download_file", "kind_of",
-           "cifar100", "audio_folder", "AudioFeatures", "load_support", "list_queries", "load_queries"]
+           "cifar100", "audio_folder", "AudioFeatures", "load_support", "list_queries", "load_queries",
+           "mini_imagenet", "labeled_folder", "published_split", "has_published_split"]
 
-BUILTIN = ("glyphs", "omniglot", "cifar100")
+BUILTIN = ("glyphs", "omniglot", "cifar100", "mini-imagenet")
 
 
 def _is_omniglot_dir(p: Path) -> bool:
@@ -40,7 +46,7 @@ def _is_omniglot_dir(p: Path) -> bool:
 
 
 def kind_of(spec: str) -> str:
-    """"glyphs", "omniglot", "cifar100", "audio" or "folder" for a ``--data`` value."""
+    """"glyphs", "omniglot", "cifar100", "mini-imagenet", "audio" or "folder" for a ``--data`` value."""
     if spec in BUILTIN:
         return spec
     p = Path(spec)
@@ -51,22 +57,39 @@ def kind_of(spec: str) -> str:
             return "omniglot"
         if is_cifar100(p):
             return "cifar100"
-        raise FewshotError(f"{spec} is a file; --data takes a folder, an Omniglot zip, the CIFAR-100 archive "
-                           "or a built-in name")
+        if is_mini_imagenet(p):
+            return "mini-imagenet"
+        raise FewshotError(f"{spec} is a file; --data takes a folder, an Omniglot zip, the CIFAR-100 archive, "
+                           "a mini-ImageNet pickle or a built-in name")
     if _is_omniglot_dir(p):
         return "omniglot"
     if is_cifar100(p):
         return "cifar100"
+    if is_mini_imagenet(p):
+        return "mini-imagenet"
     return "audio" if is_audio_folder(p) else "folder"
 
 
+def _labeled(spec: str, labels, label_pattern, size, channels: int, invert: bool, cache) -> ClassDataset:
+    """A folder labelled by a sheet or a file-name pattern; the names of built-in sets are not folders."""
+    if spec in BUILTIN or not Path(spec).is_dir():
+        flag = "--labels" if labels is not None else "--label-pattern"
+        raise FewshotError(f"{flag} labels the images of a folder; --data {spec} is not one")
+    return labeled_folder(spec, labels=labels, pattern=label_pattern, size=size, channels=channels,
+                          invert=invert, cache=cache)
+
+
 def load(spec: str, size=28, channels: Optional[int] = None, invert: Optional[bool] = None,
-         cache=None) -> ClassDataset:
+         cache=None, labels: Optional[str] = None, label_pattern: Optional[str] = None) -> ClassDataset:
     """Load the data set named or located by ``spec`` (see the module docstring).
 
-    ``channels`` and ``invert`` apply to image folders (defaults: 1 channel, no inversion); Omniglot and
-    glyphs are grey with bright strokes by construction.
+    ``channels`` and ``invert`` apply to image folders (defaults: 1 channel, no inversion) and mini-ImageNet
+    (default: RGB); Omniglot and glyphs are grey with bright strokes by construction. ``labels`` (a CSV of
+    ``path,label`` rows) or ``label_pattern`` (a regular expression whose first group is the class) label
+    the images of the folder ``spec`` instead of its subfolders.
     """
+    if labels is not None or label_pattern is not None:
+        return _labeled(spec, labels, label_pattern, size, channels or 1, bool(invert), cache)
     kind = kind_of(spec)
     if kind == "glyphs":
         return glyphs(size=size, cache=cache)
@@ -75,14 +98,23 @@ def load(spec: str, size=28, channels: Optional[int] = None, invert: Optional[bo
         return omniglot(root, size=size, cache=cache)
     if kind == "cifar100":
         return cifar100(cifar_root() if spec == "cifar100" else Path(spec), size=size, cache=cache)
+    if kind == "mini-imagenet":
+        return mini_imagenet(mini_imagenet_root() if spec == "mini-imagenet" else Path(spec), size=size,
+                             channels=channels or 3, invert=bool(invert), cache=cache)
     if kind == "audio":
         return audio_folder(spec, cache=cache)
     return image_folder(spec, size=size, channels=channels or 1, invert=bool(invert), cache=cache)
 
 
-def load_like(spec: str, preprocess: Preprocess, cache=None) -> ClassDataset:
+def load_like(spec: str, preprocess: Preprocess, cache=None, labels: Optional[str] = None,
+              label_pattern: Optional[str] = None) -> ClassDataset:
     """Load ``spec`` with the preprocessing a run was trained with (size, channels, inversion; MFCC
-    settings for audio)."""
+    settings for audio), labelled by ``labels`` / ``label_pattern`` when given (see :func:`load`)."""
+    if labels is not None or label_pattern is not None:
+        if preprocess.audio is not None:
+            raise FewshotError("--labels/--label-pattern label images, but the run was trained on audio clips")
+        return _labeled(spec, labels, label_pattern, preprocess.size, preprocess.channels, preprocess.invert,
+                        cache)
     kind = kind_of(spec)
     if preprocess.audio is not None or kind == "audio":
         if preprocess.audio is None or kind != "audio":
@@ -95,6 +127,9 @@ def load_like(spec: str, preprocess: Preprocess, cache=None) -> ClassDataset:
             raise FewshotError(f"{spec} has {ds.preprocess.channels} channel(s) but the run was trained on "
                                f"{preprocess.channels}")
         return ds
+    if kind == "mini-imagenet":
+        return load(spec, size=preprocess.size, channels=preprocess.channels, invert=preprocess.invert,
+                    cache=cache)
     return image_folder(spec, size=preprocess.size, channels=preprocess.channels, invert=preprocess.invert,
                         cache=cache)
 

@@ -15,14 +15,12 @@ Named splits (``--split cifar-fs`` / ``--split fc100``), each (train, val, test)
   learning", NeurIPS 2018): split by superclass, 12 / 4 / 4 superclasses (60 / 20 / 20 fine classes), so
   test classes are semantically far from the training ones (``data/splits/fc100/*.txt``).
 
-The pickles are read with an unpickler that only constructs plain containers and numpy arrays, so a
-tampered file cannot run code.
+The pickles are read with :func:`fewshot.data.safepickle.load_pickle`, which only constructs plain containers
+and numpy arrays, so a tampered file cannot run code.
 """
 from __future__ import annotations
 
-import io
 import os
-import pickle
 import shutil
 import tarfile
 import urllib.request
@@ -37,6 +35,7 @@ from ..errors import FewshotError
 from .dataset import ClassDataset, cached, env_data_root
 from .images import Preprocess, as_size
 from .omniglot import file_digest
+from .safepickle import load_pickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"
@@ -51,30 +50,8 @@ NAMED_SPLITS = {"cifar-fs": "classes", "fc100": "groups"}
 
 
 # -------------------------------------------------------------------- safe unpickling
-_ALLOWED = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
-    ("_codecs", "encode"),  # how Python 3 writes bytes into protocol-2 pickles
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    """Builds only containers, strings, numbers and numpy arrays; any other global is refused."""
-
-    def find_class(self, module, name):
-        if (module, name) not in _ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR pickle")
-        if module == "numpy.core.multiarray":  # files written with numpy 1: same function, new home
-            module = "numpy._core.multiarray" if hasattr(np, "_core") else module
-        return super().find_class(module, name)
-
-
 def _unpickle(raw: bytes, label: str) -> dict:
-    try:
-        d = _SafeUnpickler(io.BytesIO(raw), encoding="latin1").load()
-    except Exception as e:  # corrupt, truncated or not a CIFAR pickle
-        raise FewshotError(f"cannot read {label}: {e.__class__.__name__}: {e}") from None
+    d = load_pickle(raw, label)
     if not isinstance(d, dict):
         raise FewshotError(f"{label} is not a CIFAR-100 pickle (expected a dict)")
     return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in d.items()}
