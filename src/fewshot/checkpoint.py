@@ -1,4 +1,5 @@
-"""Checkpoints: written atomically, read with ``torch.load(weights_only=True)`` (a checkpoint is untrusted)."""
+"""Checkpoints: written atomically and durably (:func:`fewshot.rundir.atomic_write`: temporary file fsynced,
+renamed, folder fsynced), read with ``torch.load(weights_only=True)`` (a checkpoint is untrusted)."""
 from __future__ import annotations
 
 import os
@@ -6,18 +7,17 @@ from pathlib import Path
 
 import torch
 
+from . import rundir
 from .errors import FewshotError
 
 FORMAT = "fewshot-checkpoint/1"
 
 
 def save(obj: dict, path: str | os.PathLike) -> None:
-    """Write ``obj`` to ``path`` via a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save({"format": FORMAT, **obj}, tmp)
-    os.replace(tmp, path)
+    """Write ``obj`` to ``path`` via a temporary file ``.NAME.tmpPID``, fsynced before the rename over ``path``
+    (and the folder after it), so a stop at any moment leaves the old or the new checkpoint, never a part."""
+    data = {"format": FORMAT, **obj}
+    rundir.atomic_write(path, lambda tmp: torch.save(data, tmp))
 
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:

@@ -4,22 +4,31 @@ Adam, a step-decay or reduce-on-plateau schedule (optionally stopping once the l
 reached its floor and stops changing), validation on held-out classes every ``val_every`` steps,
 best/last checkpoints written atomically, exact resume (model, optimiser, scheduler, RNG and sampler
 state), a tqdm progress bar, and metrics in ``metrics.csv`` / ``metrics.jsonl`` of the run directory.
-Ctrl-C saves ``last.pt`` before stopping, so ``--resume`` continues from there.
+
+Stops are exact. A first Ctrl-C (SIGINT) only asks for a stop: the current step (sampling, forward,
+backward, optimiser step, its validation and checkpoint) runs to its end, ``last.pt`` is saved with the
+state of that completed step and :class:`TrainingInterrupted` is raised, so ``--resume`` continues with the
+very episode an uninterrupted run would have drawn next. A second Ctrl-C stops at once and saves nothing
+(the state may be half-updated): ``last.pt`` keeps the last periodic checkpoint, which resumes exactly too,
+like a SIGKILL. A training loss that grows far beyond its starting level gets one warning line.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import signal
+import sys
+import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, rundir
 from .episodes import EpisodeSampler
 from .errors import FewshotError
 from .evaluate import evaluate
@@ -29,6 +38,9 @@ from .precision import autocast
 SCHEDULES = ("step", "plateau", "linear", "none")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 CSV_FIELDS = ["step", "kind", "loss", "acc", "lr", "val_acc", "val_ci", "val_loss", "elapsed_s"]
+#: warn (once) when the training loss exceeds this multiple of its first-step level (itself at least
+#: EXPLOSION_FLOOR, so that losses starting near 0 do not warn on noise)
+EXPLOSION_FACTOR, EXPLOSION_FLOOR = 100.0, 0.01
 
 
 @dataclass
@@ -103,25 +115,86 @@ class _Logger:
             with open(self.csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(CSV_FIELDS)
             self.jsonl_path.write_text("")
+            rundir.record(self.csv_path)
+            rundir.record(self.jsonl_path)
         else:
             self._truncate(resume_step)
 
     def _truncate(self, step: int) -> None:
+        """Keep the rows up to ``step``; a line that is not a complete row (the process was killed during an
+        append) is dropped. Both files are rewritten atomically, the CSV from the JSON lines."""
         rows = []
         if self.jsonl_path.exists():
-            rows = [json.loads(l) for l in self.jsonl_path.read_text().splitlines() if l.strip()]
-        rows = [r for r in rows if r["step"] <= step]
-        self.jsonl_path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        with open(self.csv_path, "w", newline="") as f:
-            w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
+            for line in self.jsonl_path.read_text(errors="replace").splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                    rows.append(row)
+        rundir.write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows))
+
+        def write_csv(tmp: Path) -> None:
+            with open(tmp, "w", newline="") as f:
+                w = csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore")
+                w.writeheader()
+                w.writerows(rows)
+        rundir.atomic_write(self.csv_path, write_csv)
 
     def write(self, row: dict) -> None:
         with open(self.jsonl_path, "a") as f:
             f.write(json.dumps(row) + "\n")
         with open(self.csv_path, "a", newline="") as f:
             csv.DictWriter(f, CSV_FIELDS, extrasaction="ignore").writerow(row)
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training. ``saved``: ``path`` holds the state after the last completed step ``step``
+    and ``--resume`` continues exactly. Otherwise (a second Ctrl-C) training stopped at once without saving;
+    ``path`` holds the last periodic checkpoint, of step ``step`` (``None``: none was written yet)."""
+
+    def __init__(self, path: Path, step: Optional[int], saved: bool):
+        super().__init__(path, step, saved)
+        self.path, self.step, self.saved = path, step, saved
+
+    def __str__(self) -> str:
+        if self.saved:
+            return f"interrupted (training state saved to {self.path} at step {self.step}; continue with --resume)"
+        if self.step is None:
+            return f"interrupted at once (no checkpoint was written yet, {self.path} does not exist; train again)"
+        return (f"interrupted at once (nothing saved; {self.path} holds step {self.step} from the last periodic "
+                "checkpoint; continue with --resume)")
+
+
+class _StopRequest:
+    """While active (a context manager, in the main thread, where SIGINT has Python's default handler):
+    the first SIGINT sets :attr:`requested`, which the training loop checks between steps; a second one
+    raises :class:`KeyboardInterrupt` at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "_StopRequest":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        try:
+            print("\nfewshot: stopping after the current step (Ctrl-C again to stop at once, unsaved)",
+                  file=sys.stderr, flush=True)
+        except (RuntimeError, OSError, ValueError):   # stderr busy (re-entered) or closed: the stop still happens
+            pass
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
@@ -132,8 +205,13 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
     Args:
         meta: extra entries stored in every checkpoint (method name/config, preprocessing, split), so a
             run directory is self-describing.
-        resume: continue from ``out/checkpoints/last.pt`` exactly where it stopped.
-        on_step: called with the step number after every optimiser step (hooks, tests).
+        resume: continue from ``out/checkpoints/last.pt`` exactly where it stopped; a ``config`` that differs
+            from the checkpoint's in anything but a longer run (more episodes, a longer time limit) is refused.
+        on_step: called with the step number after every optimiser step (hooks, tests); a
+            :class:`KeyboardInterrupt` raised by it stops training like a first Ctrl-C.
+
+    Raises:
+        TrainingInterrupted: on Ctrl-C (see the module docstring).
     """
     config.check()
     out = Path(out)
@@ -145,14 +223,24 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
     opt = make_optimizer(method, config)
     sched = make_scheduler(opt, config)
     step, best, elapsed = 0, -math.inf, 0.0
+    loss_start: Optional[float] = None        # |loss| of the run's first step: the level explosions are judged by
+    last_path = ckdir / "last.pt"
 
     if resume:
-        last = ckdir / "last.pt"
-        if not last.is_file():
-            raise FewshotError(f"nothing to resume: {last} does not exist")
-        ck = checkpoint.load(last, map_location=device)
+        if not last_path.is_file():
+            raise FewshotError(f"nothing to resume: {last_path} does not exist")
+        ck = checkpoint.load(last_path, map_location=device)
         if ck.get("method") != method.name:
-            raise FewshotError(f"{last} holds a {ck.get('method')!r} run, not {method.name!r}")
+            raise FewshotError(f"{last_path} holds a {ck.get('method')!r} run, not {method.name!r}")
+        saved_cfg = ck.get("train_config") if isinstance(ck.get("train_config"), dict) else {}
+        known = {f.name for f in fields(TrainConfig)}       # settings added since the checkpoint: defaults
+        old_cfg = asdict(TrainConfig(**{k: v for k, v in saved_cfg.items() if k in known}))
+        diffs = rundir.changed_settings({"train": old_cfg}, {"train": asdict(config)}) if saved_cfg else []
+        if diffs:
+            raise FewshotError(f"resume would change the training settings of {last_path}: {', '.join(diffs)}")
+        if ck.get("device") is not None and torch.device(ck["device"]).type != device.type:
+            raise FewshotError(f"{last_path} was trained on {ck['device']}; resuming on {device} would not continue "
+                               f"it exactly (pass --device {torch.device(ck['device']).type})")
         method.load_state_dict(ck["model"])
         set_channels_last(method, config.channels_last)
         opt.load_state_dict(ck["optimizer"])
@@ -161,16 +249,23 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
         sampler.load_state_dict(ck["sampler"])
         torch.set_rng_state(ck["torch_rng"])
         step, best, elapsed = int(ck["step"]), float(ck["best_val"]), float(ck["train_time_s"])
+        loss_start = ck.get("loss_start")
     else:
         torch.manual_seed(config.seed)
     logger = _Logger(out, step if resume else None)
+    saved_step: Optional[int] = step if resume else None       # the step that last.pt on disk holds
 
     def state(kind: str) -> dict:
         return {**(meta or {}), "method": method.name, "method_config": method.config_dict(),
                 "in_shape": list(method.in_shape), "model": method.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict() if sched is not None else None, "sampler": sampler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "step": step, "best_val": best, "train_time_s": elapsed,
-                "kind": kind, "train_config": asdict(config)}
+                "kind": kind, "train_config": asdict(config), "device": str(device), "loss_start": loss_start}
+
+    def save_last() -> None:
+        nonlocal saved_step
+        checkpoint.save(state("last"), last_path)
+        saved_step = step
 
     def validate(lr: float) -> float:
         """Score the held-out classes, log the row, keep the best checkpoint; returns the validation loss."""
@@ -184,74 +279,91 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
             checkpoint.save(state("best"), ckdir / "best.pt")
         return res.loss
 
-    stopped_early = False
+    stopped_early, warned = False, False
     method.train()
     bar = tqdm(total=config.episodes, initial=step, desc=f"train {method.name}", disable=not progress,
                unit="ep", dynamic_ncols=True)
     t_last = time.perf_counter()
-    try:
-        while step < config.episodes:
-            ep = sampler.sample()
-            with autocast(device, config.precision):
-                loss, metrics = method.loss(ep)
-            loss_value = float(loss.detach())       # one host sync per step, reused below
-            if not math.isfinite(loss_value):        # before backward: a diverged step changes nothing
-                raise FewshotError(f"training diverged at step {step + 1} (loss {loss_value:.3g}); lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip_value > 0:
-                torch.nn.utils.clip_grad_value_(method.parameters(), config.grad_clip_value)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(method.parameters(), config.grad_clip)
-            opt.step()
-            if isinstance(sched, (torch.optim.lr_scheduler.StepLR, torch.optim.lr_scheduler.LambdaLR)):
-                sched.step()
-            step += 1
-            now = time.perf_counter()
-            elapsed += now - t_last
-            t_last = now
-            lr = opt.param_groups[0]["lr"]
-            if step % config.log_every == 0 or step == config.episodes:
-                logger.write({**{k: round(float(v), 6) for k, v in metrics.items()},
-                              "step": step, "kind": "train", "loss": round(loss_value, 6), "lr": lr,
-                              "elapsed_s": round(elapsed, 3)})
-                score = {"mse": f"{metrics['mse']:.3f}"} if "mse" in metrics else \
-                    {"bits": f"{metrics['bits']:.2f}"} if "bits" in metrics else \
-                    {"acc": f"{metrics.get('acc', 0):.3f}"}
-                bar.set_postfix(loss=f"{loss_value:.3f}", **score, lr=f"{lr:.2g}")
-            bar.update(1)
-            if val_sampler is not None and config.val_every and \
-                    (step % config.val_every == 0 or step == config.episodes):
-                vloss = validate(lr)
-                t_last = time.perf_counter()        # validation time is not training time
-                if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                    # older torch names the comparison ``is_better``, newer ``_is_better``
-                    is_better = getattr(sched, "is_better", None) or sched._is_better
-                    attempted = (not is_better(vloss, sched.best)) and sched.num_bad_epochs + 1 > \
-                        sched.patience and sched.cooldown_counter == 0
-                    at_floor = lr <= config.min_lr * (1 + 1e-6)
-                    sched.step(vloss)
-                    if config.stop_at_min_lr and attempted and at_floor:
-                        stopped_early = True
-                        bar.write(f"step {step}: learning rate at its floor {lr:.2g} and no longer changing; "
-                                  "stopping")
-                        break
-            if step % config.ckpt_every == 0:
-                checkpoint.save(state("last"), ckdir / "last.pt")
-            if on_step is not None:
-                on_step(step)
-            if config.time_limit_s and elapsed >= config.time_limit_s and step < config.episodes:
-                stopped_early = True
-                bar.write(f"step {step}: training time limit of {config.time_limit_s:.0f} s reached; stopping")
-                if val_sampler is not None and config.val_every and step % config.val_every:
-                    validate(lr)
-                break
-    except KeyboardInterrupt:
-        checkpoint.save(state("last"), ckdir / "last.pt")
-        bar.close()
-        raise
-    bar.close()
-    checkpoint.save(state("last"), ckdir / "last.pt")
-    if val_sampler is None or not config.val_every or not (ckdir / "best.pt").exists():
-        checkpoint.save(state("best"), ckdir / "best.pt")
+    with _StopRequest() as stop:
+        try:
+            while step < config.episodes:
+                ep = sampler.sample()
+                with autocast(device, config.precision):
+                    loss, metrics = method.loss(ep)
+                loss_value = float(loss.detach())       # one host sync per step, reused below
+                if not math.isfinite(loss_value):        # before backward: a diverged step changes nothing
+                    raise FewshotError(f"training diverged at step {step + 1} (loss {loss_value:.3g}); lower --lr")
+                if loss_start is None:
+                    loss_start = abs(loss_value)
+                elif not warned and abs(loss_value) > EXPLOSION_FACTOR * max(loss_start, EXPLOSION_FLOOR):
+                    warned = True
+                    bar.write(f"warning: step {step + 1}: training loss {loss_value:.3g} is over "
+                              f"{EXPLOSION_FACTOR:g}x its starting level {loss_start:.3g}; the learning rate "
+                              f"{opt.param_groups[0]['lr']:.3g} is probably too high (try a lower --lr)")
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.grad_clip_value > 0:
+                    torch.nn.utils.clip_grad_value_(method.parameters(), config.grad_clip_value)
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(method.parameters(), config.grad_clip)
+                opt.step()
+                if isinstance(sched, (torch.optim.lr_scheduler.StepLR, torch.optim.lr_scheduler.LambdaLR)):
+                    sched.step()
+                step += 1
+                now = time.perf_counter()
+                elapsed += now - t_last
+                t_last = now
+                lr = opt.param_groups[0]["lr"]
+                if step % config.log_every == 0 or step == config.episodes:
+                    logger.write({**{k: round(float(v), 6) for k, v in metrics.items()},
+                                  "step": step, "kind": "train", "loss": round(loss_value, 6), "lr": lr,
+                                  "elapsed_s": round(elapsed, 3)})
+                    score = {"mse": f"{metrics['mse']:.3f}"} if "mse" in metrics else \
+                        {"bits": f"{metrics['bits']:.2f}"} if "bits" in metrics else \
+                        {"acc": f"{metrics.get('acc', 0):.3f}"}
+                    bar.set_postfix(loss=f"{loss_value:.3f}", **score, lr=f"{lr:.2g}")
+                bar.update(1)
+                if val_sampler is not None and config.val_every and \
+                        (step % config.val_every == 0 or step == config.episodes):
+                    vloss = validate(lr)
+                    t_last = time.perf_counter()        # validation time is not training time
+                    if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                        # older torch names the comparison ``is_better``, newer ``_is_better``
+                        is_better = getattr(sched, "is_better", None) or sched._is_better
+                        attempted = (not is_better(vloss, sched.best)) and sched.num_bad_epochs + 1 > \
+                            sched.patience and sched.cooldown_counter == 0
+                        at_floor = lr <= config.min_lr * (1 + 1e-6)
+                        sched.step(vloss)
+                        if config.stop_at_min_lr and attempted and at_floor:
+                            stopped_early = True
+                            bar.write(f"step {step}: learning rate at its floor {lr:.2g} and no longer changing; "
+                                      "stopping")
+                            break
+                if step % config.ckpt_every == 0:
+                    save_last()
+                if on_step is not None:
+                    try:
+                        on_step(step)
+                    except KeyboardInterrupt:       # raised between steps: the state is complete
+                        stop.requested = True
+                if config.time_limit_s and elapsed >= config.time_limit_s and step < config.episodes:
+                    stopped_early = True
+                    bar.write(f"step {step}: training time limit of {config.time_limit_s:.0f} s reached; stopping")
+                    if val_sampler is not None and config.val_every and step % config.val_every:
+                        validate(lr)
+                    break
+                if stop.requested:                  # step boundary: everything of this step is done
+                    break
+            save_last()
+            if val_sampler is None or not config.val_every or not (ckdir / "best.pt").exists():
+                checkpoint.save(state("best"), ckdir / "best.pt")
+        except KeyboardInterrupt:
+            # a second Ctrl-C (or an interrupt not sent through our handler) inside a step: the model or the
+            # optimiser may be half-updated, so nothing is saved; last.pt keeps its complete earlier state
+            bar.close()
+            raise TrainingInterrupted(last_path, saved_step, saved=False) from None
+        finally:
+            bar.close()
+        if stop.requested:
+            raise TrainingInterrupted(last_path, step, saved=True)
     return TrainResult(step, best, elapsed, stopped_early, str(out))
