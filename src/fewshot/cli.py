@@ -76,6 +76,9 @@ def _add_dataclass_options(parser, cls, dest_prefix: str, skip=(), help_text: bo
         if f.name in skip:
             continue
         t = hints.get(f.name, str)
+        if typing.get_origin(t) is typing.Union:     # Optional[X]: the flag takes an X
+            inner = [a for a in typing.get_args(t) if a is not type(None)]
+            t = inner[0] if len(inner) == 1 else str
         origin = typing.get_origin(t)
         if t is bool:
             kw = {"type": _parse_bool, "metavar": "BOOL"}
@@ -90,8 +93,9 @@ def _add_dataclass_options(parser, cls, dest_prefix: str, skip=(), help_text: bo
         kw.setdefault("metavar", f.name.upper())
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore
         doc = docs.get(f.name, "").replace("%", "%%")
+        shown = "" if default is None and "default" in doc else f" (default: {default})"
         parser.add_argument("--" + f.name.replace("_", "-"), dest=dest_prefix + f.name, default=None,
-                            help=f"{doc} (default: {default})".strip(), **kw)
+                            help=f"{doc}{shown}".strip(), **kw)
 
 
 def _train_parser(sub, help_text: bool = True) -> None:
@@ -169,13 +173,19 @@ def _coerce_option(method: str, key: str, value):
 def cmd_train(a) -> int:
     from . import methods
     from .config import RunConfig
-    from .run import evaluate_run, fit
+    from .rundir import check_out
+    from .run import evaluate_run, fit, has_test_split
     if a.resume and not a.out:
         raise FewshotError("--resume needs --out RUN_DIR (the run directory to continue)")
     out = Path(a.out or f"runs/{a.method or 'run'}")
+    if a.out:
+        check_out(out)                  # a file or an unwritable folder: an error before anything else
     saved = out / "config.yaml"
-    if a.resume and saved.is_file():
-        cfg = RunConfig.load(saved)     # continue with the run's own settings; flags given now override
+    # --resume continues with the run's own settings (or --config's, to be compared with them); fit refuses
+    # every flag that changes them except a longer run
+    from_run = a.resume and saved.is_file() and not a.config
+    if from_run:
+        cfg = RunConfig.load(saved)
     else:
         cfg = RunConfig.load(a.config) if a.config else RunConfig()
     if a.method:
@@ -183,7 +193,7 @@ def cmd_train(a) -> int:
         if (a.config or a.resume) and cfg.method != a.method:
             cfg.options = {}
         cfg.method = a.method
-        if not a.config and not (a.resume and saved.is_file()):
+        if not a.config and not from_run:
             # start from the settings the literature uses with this method; flags below override them
             for k, v in mcls.run_defaults.items():
                 if k == "train":
@@ -191,7 +201,7 @@ def cmd_train(a) -> int:
                         setattr(cfg.train, tk, tv)
                 else:
                     setattr(cfg, k, v)
-    elif not a.config and not (a.resume and saved.is_file()):
+    elif not a.config and not from_run:
         raise FewshotError("name a method (see `fewshot methods`) or pass --config")
     for k, v in vars(a).items():
         if v is None:
@@ -224,14 +234,19 @@ def cmd_train(a) -> int:
         if not eq:
             raise FewshotError(f"--option takes KEY=VALUE, got {kv!r}")
         cfg.options[key.replace("-", "_")] = _coerce_option(cfg.method, key.replace("-", "_"), val)
+    cfg.check()      # every setting's type and range, before anything in --out is touched
     if not a.out:
         out = Path(f"runs/{cfg.method}")
-    run = fit(cfg, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite)
+    run = fit(cfg, out, resume=a.resume, progress=not a.no_progress, overwrite=a.overwrite,
+              check_test=not a.no_eval)
     res = run.train_result
     best = "" if run.checkpoint["step"] == res.steps else f", best validation at step {run.checkpoint['step']}"
     print(f"trained {cfg.method} for {res.steps} steps ({res.train_time_s:.0f} s of training{best}); "
           f"run directory: {out}")
-    if not a.no_eval:
+    if not a.no_eval and not has_test_split(cfg):
+        print(f"fewshot: no final test: --split none holds out no test classes (evaluate with "
+              f"`fewshot eval {out} --data DATA`)", file=sys.stderr)
+    elif not a.no_eval:
         res = evaluate_run(run, ways=cfg.test_ways, shots=cfg.test_shots, queries=cfg.test_queries,
                            episodes=cfg.test_episodes, progress=not a.no_progress)
         print(f"test {'accuracy' if res.metric == 'accuracy' else 'error'}: {res}")
@@ -240,6 +255,8 @@ def cmd_train(a) -> int:
 
 def cmd_eval(a) -> int:
     from .run import evaluate_run, lake_eval, load_run, pair_metrics
+    if a.pairs < 0:
+        raise FewshotError(f"--pairs must be at least 0, got {a.pairs}")
     run = load_run(a.run, a.checkpoint, device=a.device)
     if a.lake_runs:
         res = lake_eval(run, a.lake_runs, tta=a.tta)
@@ -257,8 +274,8 @@ def cmd_eval(a) -> int:
               f"pairs, threshold {pm['threshold']:.4g} calibrated on training pairs)")
         print(f"triplet accuracy: {pm['triplet_acc']:.2f} ± {pm['triplet_ci95']:.2f} % ({pm['triplets']} "
               "triplets, d(a,p) < d(a,n))")
-        if a.shots == 1:
-            print(f"one-shot accuracy: {res.short()} ({a.ways}-way, nearest support image)")
+        if res.shots == 1:
+            print(f"one-shot accuracy: {res.short()} ({res.ways}-way, nearest support image)")
     return 0
 
 
@@ -315,9 +332,11 @@ def build_parser(help_text: bool = True) -> argparse.ArgumentParser:
                                    "test split, or every class of --data).")
     e.add_argument("run", help="run directory (or checkpoint file)")
     e.add_argument("--data", help="evaluate on all classes of this data set instead of the run's test split")
-    e.add_argument("--ways", type=int, default=5)
-    e.add_argument("--shots", type=int, default=1)
-    e.add_argument("--queries", type=int, default=15)
+    e.add_argument("--ways", type=int, default=None, help="default: the run's test ways")
+    e.add_argument("--shots", type=int, default=None, help="default: the run's test shots")
+    e.add_argument("--queries", type=int, default=None,
+                   help="queries per class (default: the run's test queries; with --data, 15 or fewer when "
+                        "its smallest class is too small)")
     e.add_argument("--episodes", type=int, default=1000)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--unlabeled", type=int, default=None,
@@ -363,6 +382,19 @@ def _common(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+def _broken_pipe() -> int:
+    """The reader of stdout went away (``fewshot methods | head -1``): stop quietly with the status of a
+    process ended by SIGPIPE (141), pointing stdout at /dev/null so the exit-time flush cannot fail again."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):     # stdout without a file descriptor (captured): nothing to redirect
+        pass
+    return 128 + 13
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser(help_text=any(str(a) in ("-h", "--help") for a in argv))
@@ -371,12 +403,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         parser.print_help()
         return 2
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
+        return status
     except FewshotError as e:
         print(f"fewshot: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fewshot: interrupted (training state saved to last.pt; continue with --resume)", file=sys.stderr)
+    except BrokenPipeError:
+        return _broken_pipe()
+    except KeyboardInterrupt as e:
+        from .train import TrainingInterrupted     # says what was saved; any other Ctrl-C came outside training
+        print(f"fewshot: {e}" if isinstance(e, TrainingInterrupted) else "fewshot: interrupted", file=sys.stderr)
         return 130
 
 

@@ -36,7 +36,7 @@ class RunConfig:
     #: regular expression searched in each image name of the flat --data folder; its first group is the class
     label_pattern: Optional[str] = None
     size: Any = 28              #: image size (int or [h, w])
-    channels: Optional[int] = None   #: image folders: 1 (grey) or 3 (RGB)
+    channels: Optional[int] = None   #: 1 (grey) or 3 (RGB): image folders (default 1), mini-ImageNet (default 3)
     invert: Optional[bool] = None    #: image folders: invert intensities
     #: class split: "auto" (the data's own train/val/test split when it comes with one, as mini-ImageNet does;
     #: else fraction:0.2), "published" (that split, required), "fraction:0.2" (seeded 80-20),

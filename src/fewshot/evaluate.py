@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .episodes import EpisodeSampler
+from .errors import FewshotError
 from .precision import autocast
 from .tta import TestTimeAugment
 
@@ -94,6 +95,10 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
     For regression families the per-task number is the query MSE (``metric == "mse"``)."""
     regression = bool(getattr(sampler, "regression", False))
     own_metric = getattr(sampler, "metric", None)
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise FewshotError(f"episodes must be at least 1, got {episodes!r}")
+    if not own_metric and int(getattr(sampler, "queries", 1)) < 1:
+        raise FewshotError("evaluation needs at least 1 query per class (queries is 0)")
     was_training = method.training
     method.eval()
     sampler.generator.manual_seed(sampler.seed)

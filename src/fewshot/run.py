@@ -235,7 +235,7 @@ def resolve_episodes(cfg: RunConfig, val_ds: Optional[ClassDataset], test_ds: Op
     nothing)."""
     head, semi = head_size(cfg), cfg.unlabeled
     if head is not None and cfg.ways > head:
-        raise FewshotError(f"--ways {cfg.ways} is more than the {head} outputs of {cfg.method}'s head (--outputs)")
+        raise FewshotError(f"--ways {cfg.ways}: {cfg.method} with --outputs {head} has a {head}-way head")
     chosen = []
     for what, ds, prefix in (("validation", val_ds, "val"), ("test", test_ds, "test")):
         if ds is None:
@@ -245,8 +245,8 @@ def resolve_episodes(cfg: RunConfig, val_ds: Optional[ClassDataset], test_ds: Op
         if ways is None:
             ways, picked = min(EVAL_WAYS, head or EVAL_WAYS), True
         elif head is not None and ways > head:
-            raise FewshotError(f"{_FLAGS[what][0]} {ways} is more than the {head} outputs of {cfg.method}'s "
-                               f"head (--outputs, default: --ways)")
+            raise FewshotError(f"{_FLAGS[what][0]} {ways}: this {cfg.method} model has a {head}-way head (its "
+                               f"--outputs, by default --ways); it cannot classify {ways}-way tasks")
         if what == "validation" and ways > len(ds) - cfg.distractors >= 1:
             ways, picked = len(ds) - cfg.distractors, True      # a small validation split is used whole
         setattr(cfg, f"{prefix}_ways", ways)
@@ -444,7 +444,8 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: Optional[int] = Non
         if ways is None:
             ways = cfg.test_ways or min(EVAL_WAYS, head or EVAL_WAYS)
         elif head is not None and ways > head:
-            raise FewshotError(f"--ways {ways} is more than the {head} outputs of this {cfg.method} run's head")
+            raise FewshotError(f"--ways {ways}: this {cfg.method} model has a {head}-way head; it cannot "
+                               f"classify {ways}-way tasks")
         if queries is None:
             queries = cfg.test_queries if data is None and cfg.test_queries else default_queries(ds, shots, u)
         try:

@@ -44,8 +44,22 @@ class Preprocess:
 
     @staticmethod
     def from_dict(d: dict) -> "Preprocess":
-        return Preprocess(size=tuple(int(s) for s in d["size"]), channels=int(d["channels"]),
-                          invert=bool(d["invert"]), audio=dict(d["audio"]) if d.get("audio") else None)
+        """The inverse of :meth:`to_dict`; a malformed record (as in a damaged checkpoint) is a
+        :class:`FewshotError` naming the entry. Task families record size (0, 0) and 0 channels."""
+        if not isinstance(d, dict):
+            raise FewshotError(f"malformed preprocess record {d!r}: expected a mapping")
+        size, channels, invert = d.get("size"), d.get("channels"), d.get("invert", False)
+        if (not isinstance(size, (list, tuple)) or len(size) != 2
+                or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in size)):
+            raise FewshotError(f"malformed preprocess.size {size!r}: expected [height, width]")
+        if isinstance(channels, bool) or channels not in (0, 1, 3):
+            raise FewshotError(f"malformed preprocess.channels {channels!r}: expected 1 or 3")
+        if not isinstance(invert, bool):
+            raise FewshotError(f"malformed preprocess.invert {invert!r}: expected true or false")
+        audio = d.get("audio")
+        if audio is not None and not isinstance(audio, dict):
+            raise FewshotError(f"malformed preprocess.audio {audio!r}: expected a mapping")
+        return Preprocess(size=tuple(size), channels=channels, invert=invert, audio=dict(audio) if audio else None)
 
 
 def as_size(size) -> tuple:
@@ -58,8 +72,21 @@ def as_size(size) -> tuple:
     return s
 
 
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grey images (PNG, TIFF: Pillow's modes ``I;16*``, or ``I`` holding values up to 65535) scaled
+    to 8-bit grey, ``round(v * 255 / 65535)``; Pillow's own ``convert("L")`` clips every value above 255
+    instead, which leaves about two grey levels. Other images are returned as they are."""
+    if not (img.mode.startswith("I;16") or img.mode == "I"):
+        return img
+    a = np.asarray(img).astype(np.int64)
+    if img.mode == "I" and (a.size == 0 or a.min() < 0 or a.max() > 65535 or a.max() <= 255):
+        return img      # 32-bit data that is not 16-bit grey: Pillow's conversion is as good as any
+    return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8))
+
+
 def convert(img: Image.Image, pre: Preprocess) -> torch.Tensor:
-    """A PIL image -> uint8 tensor [C, H, W] following ``pre``."""
+    """A PIL image -> uint8 tensor [C, H, W] following ``pre`` (16-bit grey is scaled, see :func:`to_8bit`)."""
+    img = to_8bit(img)
     mode = "L" if pre.channels == 1 else "RGB"
     if img.mode in ("P", "LA", "RGBA", "PA") and mode == "L":
         img = img.convert("RGBA")
@@ -90,6 +117,8 @@ def load_image(source: Union[str, os.PathLike, bytes], pre: Preprocess, name: st
         img.load()
     except FileNotFoundError:
         raise FewshotError(f"image not found: {label}") from None
+    except Image.DecompressionBombError as e:
+        raise FewshotError(f"refusing image {label}: over Pillow's decompression-bomb limit ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise FewshotError(f"cannot read image {label}: {e.__class__.__name__}: {e}") from None
     return convert(img, pre)

@@ -18,7 +18,7 @@ import torch
 
 from ..errors import FewshotError
 from .images import Preprocess, is_image_file, load_image
-from .safezip import open_zip
+from .safezip import open_zip, read_member
 
 LABELS_FILE = "class_labels.txt"
 ZIP_NAME = "all_runs.zip"
@@ -109,10 +109,7 @@ class _ZipTree(_Tree):
         return self._member(rel) in self.names
 
     def read(self, rel: str) -> bytes:
-        try:
-            return self.zf.read(self._member(rel))
-        except Exception as e:  # a corrupt member: zlib.error, BadZipFile, ...
-            raise FewshotError(f"cannot read {self.label(rel)}: {e}") from None
+        return read_member(self.zf, self._member(rel), self.archive)   # bounded; corrupt members: one line
 
     def label(self, rel: str) -> str:
         return f"{self.archive}:{self._member(rel)}"

@@ -20,7 +20,7 @@ import torch
 from ..errors import FewshotError
 from .dataset import ClassDataset, cached, env_data_root
 from .images import Preprocess, as_size, is_image_file, load_image
-from .safezip import open_zip
+from .safezip import open_zip, read_member
 
 BASE_URL = "https://github.com/brendenlake/omniglot/raw/master/python/"
 #: name -> (relative URL, (hash algorithm, digest)) of the files as published in the official repository.
@@ -86,7 +86,7 @@ def _entries(source: Path) -> list:
             if n.endswith("/") or not is_image_file(n) or len(parts) < 3:
                 continue
             alpha, char, fn = parts[-3], parts[-2], parts[-1]
-            out.append((alpha, char, fn, (lambda zf=zf, n=n: zf.read(n)), f"{source}:{n}"))
+            out.append((alpha, char, fn, (lambda zf=zf, n=n: read_member(zf, n, source)), f"{source}:{n}"))
     else:
         for alpha in sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith(".")):
             for char in sorted(p for p in alpha.iterdir() if p.is_dir() and not p.name.startswith(".")):

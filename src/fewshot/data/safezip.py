@@ -1,10 +1,22 @@
-"""Reading zip archives without trusting them: member names with ``..`` or absolute paths are refused."""
+"""Reading zip archives without trusting them: member names with ``..`` or absolute paths are refused, and
+a member is read only up to a bound (:func:`read_member`), so a small archive cannot expand into gigabytes
+of memory (a zip bomb) whatever sizes its headers declare.
+"""
 from __future__ import annotations
 
 import zipfile
 from pathlib import Path, PurePosixPath
 
 from ..errors import FewshotError
+
+#: the most bytes one member may expand to (the largest published image in the data sets read from zips,
+#: an Omniglot PNG or a Lake run file, is a few kilobytes)
+MAX_MEMBER_BYTES = 64 << 20
+#: the highest expansion ratio accepted for members above :data:`RATIO_FLOOR_BYTES`; images are stored
+#: compressed already (PNG, JPEG: ratios near 1), while deflate turns a run of zeros into about 1/1000
+MAX_RATIO = 100
+#: members smaller than this are not judged by ratio (a tiny blank bitmap or text file may compress well)
+RATIO_FLOOR_BYTES = 1 << 20
 
 
 def check_member(name: str, archive: str | Path = "") -> None:
@@ -24,3 +36,35 @@ def open_zip(path: str | Path) -> zipfile.ZipFile:
     for n in zf.namelist():
         check_member(n, path)
     return zf
+
+
+def read_member(zf: zipfile.ZipFile, name: str, archive: str | Path = "",
+                max_bytes: int | None = None, max_ratio: float | None = None) -> bytes:
+    """The bytes of member ``name``, refused (one-line error naming ``archive:name``) when its declared size
+    is over ``max_bytes`` (default :data:`MAX_MEMBER_BYTES`), its declared expansion ratio is over
+    ``max_ratio`` (default :data:`MAX_RATIO`, judged above :data:`RATIO_FLOOR_BYTES`), or it expands past
+    ``max_bytes`` while being read (headers can lie: at most ``max_bytes + 1`` bytes are ever held).
+    A corrupt member (bad CRC, broken deflate stream) is a one-line error too."""
+    limit = MAX_MEMBER_BYTES if max_bytes is None else int(max_bytes)
+    ratio_limit = MAX_RATIO if max_ratio is None else float(max_ratio)
+    label = f"{archive}:{name}"
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        raise FewshotError(f"no member {name!r} in zip {archive}") from None
+    if info.file_size > limit:
+        raise FewshotError(f"refusing {label}: it expands to {info.file_size} bytes, more than the "
+                           f"{limit} allowed for one member")
+    ratio = info.file_size / max(info.compress_size, 1)
+    if info.file_size > RATIO_FLOOR_BYTES and ratio > ratio_limit:
+        raise FewshotError(f"refusing {label}: it expands {ratio:.0f}-fold ({info.compress_size} -> "
+                           f"{info.file_size} bytes), more than the {ratio_limit:g}-fold a real image does")
+    try:
+        with zf.open(info) as fh:
+            data = fh.read(limit + 1)
+    except Exception as e:   # zlib.error, BadZipFile (CRC), EOFError, NotImplementedError (compression)
+        raise FewshotError(f"cannot read {label}: {e.__class__.__name__}: {e}") from None
+    if len(data) > limit:
+        raise FewshotError(f"refusing {label}: it expands past the {limit} bytes allowed for one member "
+                           f"(its header declares {info.file_size})")
+    return data
