@@ -319,6 +319,8 @@ def test_label_pattern_errors(tmp_path: Path) -> None:
         fsdata.load(str(root), label_pattern="obj(", cache=False)
     with pytest.raises(FewshotError, match="--label-pattern labels the images of a folder; --data glyphs"):
         fsdata.load("glyphs", label_pattern="(x)", cache=False)
+    with pytest.raises(FewshotError, match="no such data folder: .*nowhere"):
+        fsdata.load(str(tmp_path / "nowhere"), label_pattern="(x)", cache=False)
 
 
 def test_label_sheet_with_and_without_header(tmp_path: Path) -> None:

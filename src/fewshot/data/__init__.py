@@ -72,6 +72,8 @@ def kind_of(spec: str) -> str:
 
 def _labeled(spec: str, labels, label_pattern, size, channels: int, invert: bool, cache) -> ClassDataset:
     """A folder labelled by a sheet or a file-name pattern; the names of built-in sets are not folders."""
+    if spec not in BUILTIN and not Path(spec).exists():
+        raise FewshotError(f"no such data folder: {spec}")
     if spec in BUILTIN or not Path(spec).is_dir():
         flag = "--labels" if labels is not None else "--label-pattern"
         raise FewshotError(f"{flag} labels the images of a folder; --data {spec} is not one")
