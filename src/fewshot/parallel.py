@@ -97,8 +97,9 @@ class TaskPool:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         init = {"method": method.name, "config": method.config_dict(), "in_shape": list(method.in_shape)}
         for _ in range(self.workers):
+            # a session of its own: the terminal's Ctrl-C goes to the parent alone, even while a worker starts
             p = subprocess.Popen([sys.executable, "-m", "fewshot.parallel"], stdin=subprocess.PIPE,
-                                 stdout=subprocess.PIPE, env=env)
+                                 stdout=subprocess.PIPE, env=env, start_new_session=True)
             _send(p.stdin, init)
             self.procs.append(p)
         # a finaliser, not atexit.register(self.close): that would keep every pool (and its processes)
@@ -115,7 +116,8 @@ class TaskPool:
         ac = torch.is_autocast_enabled("cpu")
         msg = {"state": state, "training": method.training, "fn": fn_name, "with_grad": with_grad,
                "kwargs": kwargs or {}, "autocast": torch.get_autocast_dtype("cpu") if ac else None,
-               "channels_last": bool(getattr(getattr(method, "net", None), "channels_last", False))}
+               "channels_last": bool(getattr(getattr(method, "net", None), "channels_last", False)),
+               "dtype": next(iter(state.values())).dtype if state else torch.float32}
         for p, sl in zip(self.procs, shares):
             _send(p.stdin, {**msg, "tensors": tuple(t[sl].cpu() for t in tensors)})
         return len(shares)
@@ -145,7 +147,10 @@ def _stop(procs: List[subprocess.Popen]) -> None:
 
 
 def _serve() -> None:
-    """Worker loop: build the method once, then answer map requests until stdin closes."""
+    """Worker loop: build the method once, then answer map requests until stdin closes. SIGINT is ignored:
+    the terminal's Ctrl-C is meant for the parent, which finishes its step and then stops the workers."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     from . import methods
     from .models import set_channels_last
     torch.set_num_threads(1)
@@ -154,7 +159,7 @@ def _serve() -> None:
     init = _recv(inp)
     method = methods.build(init["method"], init["in_shape"], **init["config"])
     method.config.vectorize = "loop"
-    layout = None
+    layout, dtype = None, torch.float32
     while True:
         try:
             msg = _recv(inp)
@@ -164,6 +169,9 @@ def _serve() -> None:
             if msg["channels_last"] != layout:
                 set_channels_last(method, msg["channels_last"])
                 layout = msg["channels_last"]
+            if msg["dtype"] != dtype:       # a model converted with .double() (or back)
+                method.to(msg["dtype"])
+                dtype = msg["dtype"]
             method.load_state_dict(msg["state"])
             method.train(msg["training"])
             ctx = torch.autocast("cpu", dtype=msg["autocast"]) if msg["autocast"] is not None \

@@ -23,6 +23,8 @@ def _save(plt, fig, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
+    from .rundir import record
+    record(out)                 # a file fewshot wrote in the run folder (replaced by --overwrite)
     return out
 
 
