@@ -223,6 +223,14 @@ def test_a_torchvision_state_dict_loads_as_is(tmp_path) -> None:
     fc0 = five.fc.weight.detach().clone()
     r = load_weights(five, tmp_path / "resnet18.pth")
     assert r.skipped_head == ["fc.bias", "fc.weight"] and torch.equal(five.fc.weight, fc0)
+    assert r.new_head == ["fc.bias", "fc.weight"] and not r.missing
+    # an encoder's file (no fc at all) into a whole network: the head stays as it was, nothing is missing
+    save_weights(enc, tmp_path / "encoder.pt")
+    r = load_weights(five, tmp_path / "encoder.pt")
+    assert r.loaded == 120 and r.skipped_head == [] and r.new_head == ["fc.bias", "fc.weight"]
+    assert torch.equal(five.fc.weight, fc0) and torch.equal(five.conv1.weight, state["conv1.weight"])
+    with pytest.raises(FewshotError, match=r"2 missing keys \(fc.bias, fc.weight\)"):
+        load_weights(five, tmp_path / "encoder.pt", head=None)
     # the same in a dict under "state_dict" / "model", and without the batch-norm counters (older files)
     older = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     torch.save({"epoch": 3, "state_dict": older}, tmp_path / "wrapped.pt")
@@ -260,9 +268,9 @@ def test_a_wrong_or_partial_file_is_one_line_naming_the_keys(tmp_path) -> None:
     grey = build_backbone("resnet18", (1, 32, 32))
     with pytest.raises(FewshotError, match=r"1 shape mismatch \(conv1.weight: file \(64, 3, 7, 7\), model \(64, 1, 7, 7\)\)"):
         load_weights(grey, tmp_path / "full.pt", strict=False)
-    # a file of another network altogether
+    # a file of another network altogether (its lack of fc is a new head, not counted missing)
     save_weights(build_backbone("conv4", (1, 28, 28)), tmp_path / "conv4.pt")
-    with pytest.raises(FewshotError, match=r"does not fit ResNet: 102 missing keys \(bn1.bias, .*; 28 unexpected keys \(features.0.bias"):
+    with pytest.raises(FewshotError, match=r"does not fit ResNet: 100 missing keys \(bn1.bias, .*; 28 unexpected keys \(features.0.bias"):
         load_weights(net, tmp_path / "conv4.pt")
 
 
@@ -363,7 +371,7 @@ class TinyNet(nn.Module):
         return self.head(self.body(x))
 
 
-def test_factories_get_the_keywords_they_accept(tmp_path, monkeypatch) -> None:
+def test_factories_get_the_keywords_they_accept() -> None:
     calls = []
 
     def both(in_shape, outputs=7):

@@ -192,12 +192,14 @@ def save_weights(module: nn.Module, path: PathLike) -> None:
 @dataclass
 class LoadReport:
     """What :func:`load_weights` did: how many tensors it loaded, the module's keys the file lacked
-    (``missing``), the file's keys the module lacks (``unexpected``) and the file's head keys it left
-    out (``skipped_head``: the module's head is new, of another size, or absent)."""
+    (``missing``), the file's keys the module lacks (``unexpected``), the file's head keys it left out
+    (``skipped_head``: the module's head is of another size, or absent) and the module's head keys left
+    as they were (``new_head``: the file has no head, or one that does not fit)."""
     loaded: int = 0
     missing: List[str] = field(default_factory=list)
     unexpected: List[str] = field(default_factory=list)
     skipped_head: List[str] = field(default_factory=list)
+    new_head: List[str] = field(default_factory=list)
 
 
 def _few(names: List[str], k: int = 4) -> str:
@@ -212,8 +214,10 @@ def load_weights(module: nn.Module, path: PathLike, strict: bool = True, prefix:
     encoder of a fewshot checkpoint, ``"module."`` for a DataParallel file; a file whose every key starts
     with ``"module."`` has it removed anyway when the module has no such keys). ``head``: the classifier
     head whose keys are left out where they do not fit, so that ImageNet weights load into an encoder
-    (head absent) or a network with a new 5-way head (another size); ``"auto"``: the head the module
-    declares (:func:`~fewshot.models.backbones.head_name`; nothing for a module that declares none);
+    (head absent) or a network with a new 5-way head (another size), and an encoder's file (no head)
+    loads into a whole network, whose head keeps its initialisation; ``"auto"``: the head the module
+    declares (:func:`~fewshot.models.backbones.declared_head`: ``fc`` for the registered networks, even
+    an encoder's ``nn.Identity``; nothing for a module that declares none);
     ``None``: no exception. Counters of batch-norm layers (``num_batches_tracked``), which many files
     leave out, are never counted missing.
 
@@ -236,10 +240,11 @@ def load_weights(module: nn.Module, path: PathLike, strict: bool = True, prefix:
     if head_key is not None:
         hp = head_key + "."
         in_file = [k for k in state if k.startswith(hp)]
-        if any(k not in own or tuple(own[k].shape) != tuple(state[k].shape) for k in in_file):
+        if not in_file or any(k not in own or tuple(own[k].shape) != tuple(state[k].shape) for k in in_file):
             report.skipped_head = sorted(in_file)
             for k in in_file:
                 del state[k]
+            report.new_head = sorted(k for k in own if k.startswith(hp))
             own = {k: v for k, v in own.items() if not k.startswith(hp)}
     missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
     unexpected = sorted(k for k in state if k not in own)
