@@ -405,6 +405,59 @@ def test_worker_processes_give_the_loop_numbers_exactly() -> None:
     assert all(torch.equal(s0[k], s1[k]) for k in s0)
 
 
+
+def _train_trace(vectorize: str, channels_last: bool, workers: int, threads: int, steps: int = 3):
+    """Losses and final weights of ``steps`` Adam steps of float64 second-order MAML on fixed episodes."""
+    from fewshot.models import set_channels_last
+    torch.manual_seed(0)
+    m = build("maml", IMG, outputs=3, hidden=4, inner_steps=1, vectorize=vectorize, workers=workers).double()
+    set_channels_last(m, channels_last)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        losses = []
+        for s in range(steps):
+            loss, _ = m.loss(image_episode(batch=4, seed=20 + s).to(dtype=torch.float64))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    finally:
+        torch.set_num_threads(before)
+        if m.__dict__.get("_pool") is not None:
+            m._pool.close()
+    return losses, {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def test_task_axis_and_layout_choices_agree_to_rounding() -> None:
+    """What ``vectorize``, ``channels_last`` and ``workers`` leave unchanged, exactly: vmap runs with the
+    channels-last layout (it used to crash), and in float64 vmap, the loop in either layout, one process on
+    two threads and two single-threaded processes give the same losses and weights over three Adam steps to
+    1e-9 (relative); they differ only by the summation order of kernels (layout, threads, batched
+    convolutions), which fp32 or bf16 rounding then shows."""
+    ref_losses, ref_state = _train_trace("loop", False, workers=1, threads=1)
+    for vec, cl, workers, threads in [("loop", True, 1, 2), ("loop", True, 2, 2), ("vmap", False, 1, 1),
+                                      ("vmap", True, 1, 2)]:
+        losses, state = _train_trace(vec, cl, workers, threads)
+        assert losses == pytest.approx(ref_losses, rel=1e-9, abs=0), (vec, cl, workers, threads)
+        for k in ref_state:
+            if k.startswith("net.convs.") and k.endswith(".bias"):
+                # a conv bias right before batch norm has a true gradient of 0: Adam turns its rounding
+                # noise into steps of size lr, which batch norm then cancels (the losses above agree)
+                continue
+            torch.testing.assert_close(state[k], ref_state[k], rtol=1e-9, atol=1e-12,
+                                       msg=f"{k} {(vec, cl, workers, threads)}")
+    # fp32 with channels-last under vmap runs too (the layout is the loop's business; vmap gets NCHW copies)
+    torch.manual_seed(0)
+    m = build("maml", IMG, outputs=3, hidden=4, vectorize="vmap")
+    from fewshot.models import set_channels_last
+    set_channels_last(m, True)
+    loss, _ = m.loss(image_episode(batch=2))
+    loss.backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
 ALLOC_PROBE = """
 import resource, sys, torch
 from fewshot.parallel import tune_allocator

@@ -35,7 +35,7 @@ from ..models.meta import BN_MODES, head_inputs, meta_network
 from . import register
 from .base import Method
 
-LOSSES = ("auto", "ce", "mse", "bc")
+LOSSES = ("auto", "ce", "mse", "bc", "pg", "pg-discrete")
 ADAPT = ("all", "head", "body", "none")
 COMBINE = ("mean", "agreement")
 TAML_PENALTIES = ("none", "entropy", "gini", "theil", "vol")
@@ -56,9 +56,14 @@ def task_loss(out: torch.Tensor, y: torch.Tensor, kind: str = "auto") -> torch.T
 
     ``ce`` cross-entropy; ``mse`` mean squared error; ``bc`` behaviour cloning: squared error summed over
     action dimensions and averaged over time steps (cross-entropy for discrete actions); ``auto`` picks
-    cross-entropy for integer labels and ``mse`` for float targets.
+    cross-entropy for integer labels and ``mse`` for float targets; ``pg`` / ``pg-discrete`` the
+    policy-gradient surrogate of :func:`fewshot.rl.pg.pg_loss` (Gaussian / categorical policy) on packed
+    ``(action, advantage, weight)`` targets.
     """
     out = _upcast(out)
+    if kind in ("pg", "pg-discrete"):
+        from ..rl.pg import pg_loss
+        return pg_loss(out, y, discrete=kind == "pg-discrete")
     discrete = not torch.is_floating_point(y)
     if kind in ("ce",) or (kind in ("auto", "bc") and discrete):
         return F.cross_entropy(out, y)
@@ -137,6 +142,8 @@ class GradientConfig:
     vectorize: str = "auto"         #: task axis: auto (loop for conv nets on CPU, else vmap) | loop | vmap
     chunk: int = 0                  #: vmap: tasks per chunk (0: the whole batch)
     workers: int = 0                #: loop on CPU: single-threaded processes sharing the tasks (0: one per thread)
+    discount: float = 0.99          #: RL task families: discount of the returns-to-go
+    baseline: bool = True           #: RL task families: subtract the linear feature baseline from the returns
 
 
 class GradientMethod(Method):
@@ -223,23 +230,26 @@ class GradientMethod(Method):
         return fast
 
     def inner_loop(self, params: Params, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
-                   first_order: bool, rule: str = "sgd", betas=(0.9, 0.999)):
+                   first_order: bool, rule: str = "sgd", betas=(0.9, 0.999), kind: str | None = None,
+                   per_step: bool = False):
         """Adapt to one task: ``steps`` updates of the adapted parameters on ``(x, y)``.
 
         Returns the full parameter dict after adaptation and the batch statistics of each step (for the
         running batch-norm mode). Second order unless ``first_order``: the updates stay differentiable
-        with respect to ``params``.
+        with respect to ``params``. ``kind``: the loss (default: the config's); ``per_step``: ``x`` and
+        ``y`` have a leading step axis and step ``s`` uses ``x[s], y[s]`` (meta-RL: fresh rollouts per step).
         """
         fast = self.initial_fast(params, x)
         stats: list = []
         m = {k: torch.zeros_like(v) for k, v in fast.items()} if rule == "adam" else None
         v2 = {k: torch.zeros_like(v) for k, v in fast.items()} if rule == "adam" else None
-        kind = self.config.loss
+        kind = kind or self.config.loss
 
         for s in range(steps):
             def support_loss(f, s=s):
-                out, st = self.forward_with({**params, **f}, x, s, twice=not first_order)
-                return task_loss(out, y, kind), st
+                xs, ys = (x[s], y[s]) if per_step else (x, y)
+                out, st = self.forward_with({**params, **f}, xs, s, twice=not first_order)
+                return task_loss(out, ys, kind), st
             g, st = self.grad(support_loss, create_graph=not first_order)(fast)
             stats.append(st)
             if first_order:
@@ -310,6 +320,10 @@ class GradientMethod(Method):
             f = functools.partial(getattr(self, fn), **kwargs) if kwargs else getattr(self, fn)
             f = grad_and_value(f, has_aux=True) if with_grad else f
             self._backend = "func"
+            # vmap has no channels-last batching rules (and runs per-task convolutions as grouped ones
+            # anyway): the weights go in as NCHW copies whatever layout the module keeps (a clone, since
+            # .contiguous() keeps the channels-last strides of a 1-input-channel weight)
+            params = {k: v.clone(memory_format=torch.contiguous_format) for k, v in params.items()}
             return vmap(f, in_dims=(None,) + (0,) * len(tensors), chunk_size=min(chunk, B),
                         randomness="error")(params, *tensors)
         if device.type == "cpu":
@@ -358,27 +372,41 @@ class GradientMethod(Method):
         return torch.utils._pytree.tree_map(lambda *xs: torch.stack(xs), *outs)
 
     # ------------------------------------------------------------------ the contract
-    def task_objective(self, params: Params, sx, sy, qx, qy):
-        """Outer loss of one task after adaptation, with auxiliary outputs (loss, score, statistics)."""
+    def task_objective(self, params: Params, sx, sy, qx, qy, kind: str | None = None, per_step: bool = False):
+        """Outer loss of one task after adaptation, with auxiliary outputs (loss, score, statistics).
+        ``kind`` and ``per_step`` as in :meth:`inner_loop` (set by RL episodes)."""
         c = self.config
-        full, stats = self.inner_loop(params, sx, sy, c.inner_steps, c.inner_lr, c.first_order)
+        kind = kind or c.loss
+        full, stats = self.inner_loop(params, sx, sy, c.inner_steps, c.inner_lr, c.first_order, kind=kind,
+                                      per_step=per_step)
         out, qstats = self.forward_with(full, qx, c.inner_steps)
-        loss = task_loss(out, qy, c.loss)
+        loss = task_loss(out, qy, kind)
         total = loss
         if c.taml == "entropy":
             before, _ = self.forward_with(params, qx, 0)
             total = total + c.taml_weight * (entropy(out) - entropy(before))
-        return total, {"loss": loss.detach(), "score": self._score(out.detach(), qy), "stats": stats + [qstats]}
+        score = loss.detach() if kind.startswith("pg") else self._score(out.detach(), qy)
+        return total, {"loss": loss.detach(), "score": score, "stats": stats + [qstats]}
 
     def _score(self, out, y):
         if torch.is_floating_point(y):
             return (out.float() - y.float().view_as(out)).pow(2).mean()
         return (out.argmax(-1) == y).float().mean()
 
+    def adapted_params(self, params: Params, x, y, kind: str | None = None) -> Params:
+        """One task's parameters after ``x.shape[0]`` inner steps, step ``s`` on ``(x[s], y[s])``, without
+        meta-gradient (meta-RL draws the next rollouts with them)."""
+        full, _ = self.inner_loop(params, x, y, x.shape[0], self.config.inner_lr, True, kind=kind, per_step=True)
+        return {k: v.detach() for k, v in full.items() if not k.startswith("lr:")}
+
     def task_gradients(self, episode):
         """Per-task gradients ``{name: [B, ...]}``, per-task outer losses ``[B]`` and auxiliaries."""
+        kw = {k: episode.extra[k] for k in ("loss", "per_step") if k in episode.extra}
+        if "loss" in kw:
+            kw["kind"] = kw.pop("loss")
         grads, (losses, aux) = self.map_tasks("task_objective", self.meta_params(), episode.support_x,
-                                              episode.support_y, episode.query_x, episode.query_y, with_grad=True)
+                                              episode.support_y, episode.query_x, episode.query_y, with_grad=True,
+                                              **kw)
         return grads, losses, aux
 
     def combine(self, grads: Params, losses: torch.Tensor) -> tuple:
@@ -421,14 +449,23 @@ class GradientMethod(Method):
                     norm.update(step, mean.mean(0), var.mean(0))
 
     def loss(self, episode):
+        from ..rl import meta as rl
+        returns = None
+        if rl.is_rl(episode):      # tasks, not examples: roll out, adapt, roll out again (fewshot.rl.meta)
+            rl.check_rl_config(self)
+            episode = rl.rollout_episode(self, episode)
+            returns = episode.extra["return_before"], episode.extra["return_after"]
         grads, losses, aux = self.task_gradients(episode)
         coef, metrics = self.combine(grads, losses)
         self._update_running_stats(aux.get("stats", []))
         qloss = aux["loss"].mean()
         out = self._surrogate(grads, coef, qloss)
         metrics["query_loss"] = float(qloss)
-        score = float(aux["score"].mean())
-        metrics["mse" if torch.is_floating_point(episode.query_y) else "acc"] = score
+        if returns is not None:
+            metrics["return_pre"], metrics["return"] = float(returns[0].mean()), float(returns[1].mean())
+        else:
+            score = float(aux["score"].mean())
+            metrics["mse" if torch.is_floating_point(episode.query_y) else "acc"] = score
         return out, metrics
 
     def adapt_predict(self, params: Params, sx, sy, qx, steps: int | None = None):
@@ -438,6 +475,15 @@ class GradientMethod(Method):
         full, _ = self.inner_loop(params, sx, sy, steps, c.inner_lr, True)
         out, _ = self.forward_with(full, qx, steps)
         return out.detach()
+
+    def predict_episode(self, episode):
+        """Query outputs for an episode; for an RL episode, each task's mean return after adapting with
+        ``test_steps`` inner steps on fresh rollouts (:func:`fewshot.rl.meta.adapted_returns`)."""
+        from ..rl import meta as rl
+        if rl.is_rl(episode):
+            rl.check_rl_config(self)
+            return rl.adapted_returns(self, episode)
+        return super().predict_episode(episode)
 
     def predict(self, support_x, support_y, query_x, ways=None, steps: int | None = None):
         """Adapt to each task's support set (``steps``, default ``test_steps``) and return query outputs:

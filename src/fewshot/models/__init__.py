@@ -110,7 +110,13 @@ def channels_last_input(x: torch.Tensor) -> torch.Tensor:
     ``x.contiguous(memory_format=torch.channels_last)`` returns a 1-channel NCHW tensor unchanged (its
     strides fit both layouts), and a convolution then picks NCHW whenever its weight is NCHW too, as the
     adapted weights of a meta network's inner loop are: its 64-channel output then has to be converted,
-    forward and backward, at far greater cost than this copy of the 1-channel input."""
+    forward and backward, at far greater cost than this copy of the 1-channel input.
+
+    Inside ``torch.func`` transforms (``vmap`` over tasks) ``x`` is returned as it is: a batched tensor has
+    no layout of its own to choose (vmap runs a per-task-weight convolution as one grouped convolution over
+    the stacked tasks) and cannot be asked for one."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        return x
     if x.is_contiguous(memory_format=torch.channels_last) and (x.shape[1] != 1 or x.stride(1) == 1):
         return x
     return torch.empty_like(x, memory_format=torch.channels_last).copy_(x)
