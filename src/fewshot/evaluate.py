@@ -47,11 +47,12 @@ class EvalResult:
     metric: str = "accuracy"   #: accuracy (percent, higher is better), mse or a family's metric (lower is better)
     metric_label: str = ""     #: how a family's own metric reads, e.g. "bits wrong per sequence"
     tta: int = 0               #: test-time augmentation copies per image (0: none; see fewshot.tta)
+    higher_is_better: bool = False   #: a family's own metric that grows with quality (an RL return)
 
     @property
     def score(self) -> float:
-        """Higher is better: the accuracy, or minus the MSE."""
-        return self.mean if self.metric == "accuracy" else -self.mean
+        """Higher is better: the accuracy (or a return), or minus the MSE (or a lower-is-better metric)."""
+        return self.mean if self.metric == "accuracy" or self.higher_is_better else -self.mean
 
     def short(self) -> str:
         if self.metric == "mse":
@@ -148,7 +149,8 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
                      mode=getattr(method, "inference_mode", "inductive"), loss=sum(losses) / len(losses),
                      accuracies=accs,
                      metric=own_metric or ("mse" if regression else "accuracy"),
-                     metric_label=getattr(sampler, "metric_label", "") if own_metric else "", tta=tta)
+                     metric_label=getattr(sampler, "metric_label", "") if own_metric else "", tta=tta,
+                     higher_is_better=bool(getattr(sampler, "higher_is_better", False)))
     if csv_path is not None:
         write_episode_csv(res, losses, csv_path)
     return res

@@ -5,19 +5,22 @@ A task family is a sampler with the :class:`fewshot.episodes.EpisodeSampler` int
 so the trainer, the evaluator and the CLI use it as they use image episodes: ``--data sine`` or
 ``--data toy-binary``. ``regression`` tells the evaluator to report the mean squared error; a family with its
 own per-task metric sets ``metric`` (e.g. ``"bits"``, lower is better) and ``score(prediction, episode)``.
-Families with a ``from_spec`` class method accept options after a colon: ``copy:40``, ``copy:1-20``.
+Families with a ``from_spec`` class method accept options after a colon: ``copy:40``, ``copy:1-20``,
+``bandit:k=5,n=100``; ``navigation2d`` and ``bandit`` are reinforcement-learning families (:mod:`.rl`).
 """
 from __future__ import annotations
 
 from ..errors import FewshotError
 from .base import TaskFamily
 from .copy import CopyTasks
+from .rl import RLTasks
 from .sine import SineTasks
 from .toy import BinaryTasks
 
-FAMILIES = {"sine": SineTasks, "toy-binary": BinaryTasks, "copy": CopyTasks}
+FAMILIES = {"sine": SineTasks, "toy-binary": BinaryTasks, "copy": CopyTasks, "bandit": RLTasks,
+            "navigation2d": RLTasks}
 
-__all__ = ["FAMILIES", "BinaryTasks", "CopyTasks", "SineTasks", "TaskFamily", "family_name", "is_family", "make"]
+__all__ = ["FAMILIES", "BinaryTasks", "CopyTasks", "RLTasks", "SineTasks", "TaskFamily", "family_name", "is_family", "make"]
 
 
 def family_name(name: str) -> str:
@@ -37,4 +40,5 @@ def make(name: str, shots: int, queries: int, batch: int = 1, device="cpu", seed
     if base not in FAMILIES:
         raise FewshotError(f"unknown task family {name!r}; choose from {', '.join(FAMILIES)}")
     kw = dict(shots=shots, queries=queries, batch=batch, device=device, seed=seed, ways=ways)
-    return FAMILIES[base].from_spec(name, **kw) if base != name else FAMILIES[base](**kw)
+    cls = FAMILIES[base]
+    return cls.from_spec(name, **kw) if hasattr(cls, "from_spec") else cls(**kw)

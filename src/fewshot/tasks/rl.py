@@ -1,0 +1,55 @@
+"""RL task families as samplers: ``--data bandit:k=5,n=100`` or ``--data navigation2d``.
+
+A batch is an :class:`~fewshot.episodes.Episode` with no examples: its ``extra`` holds the task parameters
+(``"task:p"`` arm probabilities, ``"task:goal"`` goals, ``[B, ...]``), the environment (``"env"``, a
+:class:`fewshot.rl.envs.TaskSource`) and this sampler's generator (``"generator"``), from which a meta-RL
+method draws its rollouts (:mod:`fewshot.rl.meta`) -- so the checkpointed sampler state makes resume exact.
+``shots`` is the number of rollouts per task for each inner step, ``queries`` the number after adaptation.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+from ..episodes import Episode
+from ..errors import FewshotError
+from ..rl.envs import make_source
+from .base import TaskFamily
+
+
+class RLTasks(TaskFamily):
+    name = "rl"
+    regression = False
+    metric = "return"
+    metric_label = "return"
+    higher_is_better = True
+
+    def __init__(self, shots: int = 20, queries: int = 20, batch: int = 20, device="cpu", seed: int = 0,
+                 ways: Optional[int] = None, env: str = "navigation2d"):
+        super().__init__(shots, queries, batch, device, seed)
+        if ways not in (None, 0):
+            raise FewshotError(f"RL task families have no ways; got --ways {ways}")
+        self.ways = 0
+        self.spec = env
+        self.env = make_source(env)
+        self.in_shape = (self.env.obs_dim,)
+        self.outputs = self.env.n_actions if self.env.discrete else 2 * self.env.action_dim
+
+    @classmethod
+    def from_spec(cls, spec: str, **kw) -> "RLTasks":
+        return cls(env=spec, **kw)
+
+    def sample(self, batch: Optional[int] = None) -> Episode:
+        B = batch or self.batch
+        tasks = self.env.sample_tasks(B, self.generator)
+        empty = next(iter(tasks.values()))[:, :0]
+        extra = {f"task:{k}": v for k, v in tasks.items()}
+        extra.update(env=self.env, generator=self.generator)
+        return Episode(empty, empty, empty, empty, 0, self.shots, self.queries, extra=extra)
+
+    def score(self, prediction, episode: Episode):
+        """Per-task metric of an evaluation: the method's prediction for an RL episode is already each
+        task's mean return after adaptation (higher is better)."""
+        return prediction.float()
+
+    def __repr__(self) -> str:
+        return f"RLTasks({self.env!r}, {self.shots} inner / {self.queries} outer rollouts, batch {self.batch})"
