@@ -156,7 +156,7 @@ def test_overwrite_replaces_only_what_fewshot_wrote(capsys, image_root: Path, tm
     assert rc == 0, err
     evals = sorted(p.name for p in (out / "eval").iterdir())
     assert evals == ["3w1s2q-seed0.csv", "3w1s2q-seed0.json"]
-    listed = rundir._manifest(out)[1]
+    listed = rundir.written_files(out)
     assert {"config.yaml", "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt",
             "eval/3w1s2q-seed0.json", "eval/3w1s2q-seed0.csv"} <= set(listed)
     # the user's own files inside the run folder, and a leftover temporary checkpoint of a killed run
@@ -215,7 +215,7 @@ def test_a_run_folder_of_an_earlier_version_is_recognised(capsys, image_root: Pa
     (out / "eval" / "mine.json").write_text('{"a": 1}')
     rc, _, err = run_cli(capsys, *args, "--episodes", "3", "--resume")
     assert rc == 0, err
-    assert set(rundir._manifest(out)[1]) >= {"config.yaml", "checkpoints/last.pt", "metrics.jsonl"}
+    assert set(rundir.written_files(out)) >= {"config.yaml", "checkpoints/last.pt", "metrics.jsonl"}
     (out / rundir.MARKER).unlink()
     rc, _, err = run_cli(capsys, *args, "--episodes", "2", "--overwrite")
     assert rc == 0, err

@@ -126,6 +126,11 @@ def is_marked(folder: Path) -> bool:
     return _manifest(Path(folder))[0] is not None
 
 
+def written_files(folder: Path) -> List[str]:
+    """The files (relative POSIX paths) that fewshot's manifest in ``folder`` lists as written by fewshot."""
+    return _manifest(Path(folder))[1]
+
+
 def record(path: str | os.PathLike) -> None:
     """Note in the manifest of the run folder holding ``path`` (its folder or the one above: fewshot writes
     at most one folder deep) that fewshot wrote it, so that replacing the run removes it. Does nothing for a

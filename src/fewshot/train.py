@@ -38,9 +38,10 @@ from .precision import autocast
 SCHEDULES = ("step", "plateau", "linear", "none")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 CSV_FIELDS = ["step", "kind", "loss", "acc", "lr", "val_acc", "val_ci", "val_loss", "elapsed_s"]
-#: warn (once) when the training loss exceeds this multiple of its first-step level (itself at least
-#: EXPLOSION_FLOOR, so that losses starting near 0 do not warn on noise)
-EXPLOSION_FACTOR, EXPLOSION_FLOOR = 100.0, 0.01
+#: warn (once) when the training loss exceeds this multiple of its first-step level, counted as at least
+#: EXPLOSION_FLOOR: a first step that happens to score near 0 must not make an ordinary later loss (a 5-way
+#: cross-entropy of 1.6) look like an explosion
+EXPLOSION_FACTOR, EXPLOSION_FLOOR = 100.0, 1.0
 
 
 @dataclass
@@ -298,8 +299,9 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                 elif not warned and abs(loss_value) > EXPLOSION_FACTOR * max(loss_start, EXPLOSION_FLOOR):
                     warned = True
                     bar.write(f"warning: step {step + 1}: training loss {loss_value:.3g} is over "
-                              f"{EXPLOSION_FACTOR:g}x its starting level {loss_start:.3g}; the learning rate "
-                              f"{opt.param_groups[0]['lr']:.3g} is probably too high (try a lower --lr)")
+                              f"{EXPLOSION_FACTOR:g}x its starting level {max(loss_start, EXPLOSION_FLOOR):.3g}; "
+                              f"the learning rate {opt.param_groups[0]['lr']:.3g} is probably too high (try a "
+                              "lower --lr)")
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if config.grad_clip_value > 0:
