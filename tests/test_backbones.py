@@ -479,9 +479,11 @@ def test_timm_backbones_when_timm_imports() -> None:
         import timm  # noqa: F401
     except Exception as e:  # timm imports torchvision, which needs a build matching this torch
         pytest.skip(f"timm cannot be imported here ({type(e).__name__}: {e})")
-    net = build_backbone("timm:resnet18", (1, 28, 28))
-    assert feature_dim(net, (1, 28, 28)) == 512
-    assert build_backbone("timm:resnet18", (3, 32, 32), outputs=5)(torch.rand(2, 3, 32, 32)).shape == (2, 5)
+    enc = build_backbone("timm:resnet10t", (1, 28, 28))  # a small model, built without weights
+    assert feature_dim(enc, (1, 28, 28)) == 512 and declared_head(enc) == "fc" and head_name(enc) is None
+    net = build_backbone("timm:resnet10t", (3, 32, 32), outputs=5)
+    assert net(torch.rand(2, 3, 32, 32)).shape == (2, 5) and head_name(net) == "fc"
+    assert freeze(net, "all") and [n for n, p in net.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
 
 
 def test_timm_spec_calls_create_model_without_weights(monkeypatch) -> None:
