@@ -1,0 +1,110 @@
+"""Meta-RL on 2-D navigation (the MAML paper's Fig. 4): return on held-out goals after 0-3 policy-gradient
+steps, for MAML, Meta-SGD and a policy pretrained on all training goals (the same inner step at test),
+beside a random policy and an oracle that sees the goal.
+
+Every learned row trains with ``recipes/maml_navigation.yaml``'s settings for the same wall-clock budget
+(``--minutes``) in its own process (``--jobs`` at a time, ``--threads`` each), then adapts on the same 100
+held-out goals (seed 2 000 003, 20 rollouts per step) with fresh rollouts after every step. Rows append
+to ``--results`` (JSON lines) as they finish; a rerun skips rows already there unless ``--fresh``.
+
+usage: python benchmarks/rl_navigation.py [--minutes 15] [--rows maml,metasgd,pretrained] [--goals 100]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from common import ROOT, RowResults, machine, run_row_processes, table
+
+STEPS = (0, 1, 2, 3)
+ROWS = {   # key: (label, method, options)
+    "maml": ("MAML (second order)", "maml", {}),
+    "metasgd": ("Meta-SGD", "metasgd", {}),
+    "pretrained": ("pretrained on all goals, fine-tuned", "maml", {"inner_steps": 0, "test_steps": 1}),
+}
+
+
+def run_row(key: str, a) -> dict:
+    import torch
+    torch.set_num_threads(a.threads)
+    import fewshot as fs
+    from fewshot import tasks
+    from fewshot.rl.meta import evaluate_adaptation
+    from fewshot.run import FAMILY_SEEDS
+    label, method, options = ROWS[key]
+    cfg = fs.RunConfig.load(ROOT / "recipes" / "maml_navigation.yaml")
+    cfg.method = method
+    cfg.options = {**cfg.options, **options}
+    cfg.train.time_limit_s, cfg.train.episodes = a.minutes * 60, 10 ** 6
+    run = fs.fit(cfg, Path(a.out) / key, progress=False, overwrite=True)
+    res = run.train_result
+    fam = tasks.make(cfg.data, cfg.test_shots, cfg.test_queries, seed=FAMILY_SEEDS["test"])
+    t = time.time()
+    ret = evaluate_adaptation(run.method, fam, a.goals, STEPS, rollouts=cfg.test_shots)
+    row = {"key": key, "label": label, "steps": res.steps, "train_s": round(res.train_time_s, 1),
+           "eval_s": round(time.time() - t, 1), "returns": {str(k): v for k, v in ret.items()}}
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def reference_rows(goals: int) -> list:
+    """Random uniform velocities and the oracle, on the same held-out goals."""
+    import torch
+    from fewshot import tasks
+    from fewshot.evaluate import mean_ci
+    from fewshot.rl import rollout
+    from fewshot.run import FAMILY_SEEDS
+    fam = tasks.make("navigation2d", 20, 20, seed=FAMILY_SEEDS["test"])
+    env = fam.env
+    goal = env.sample_tasks(goals, fam.generator)
+    g = torch.Generator().manual_seed(0)
+    rand = rollout(env, goal, lambda obs, t: 0.2 * torch.rand(obs.shape, generator=g) - 0.1, 20, g)
+    r = mean_ci(rand.returns.mean(1).double().tolist())
+    o = mean_ci(env.optimal_return(goal).double().tolist())
+    return [["random (uniform velocity)", "-", *(f"{r[0]:.2f} ± {r[1]:.2f}" for _ in STEPS)],
+            ["oracle (sees the goal)", "-", *(f"{o[0]:.2f} ± {o[1]:.2f}" for _ in STEPS)]]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minutes", type=float, default=15)
+    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--goals", type=int, default=100)
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="/tmp/fewshot-rl-navigation")
+    ap.add_argument("--results", default=None)
+    ap.add_argument("--fresh", action="store_true")
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = RowResults(Path(a.results) if a.results else out / "rows.jsonl")
+    if a.row:
+        results.append(run_row(a.row, a))
+        return
+    keys = a.rows.split(",")
+    if a.fresh:
+        results.forget(keys)
+    print(f"# {machine()}", flush=True)
+    failed = run_row_processes(__file__, results.pending(keys), [
+        "--minutes", str(a.minutes), "--goals", str(a.goals), "--threads", str(a.threads), "--out", a.out,
+        "--results", str(results.path)], out, a.jobs, a.threads)
+    rows = []
+    for r in results.latest(keys):
+        rows.append([r["label"], f"{r['steps']} in {r['train_s'] / 60:.1f} min",
+                     *(f"{m:.2f} ± {c:.2f}" for m, c in (r["returns"][str(k)] for k in STEPS))])
+    rows += reference_rows(a.goals)
+    print(f"\n# 2-D navigation, {a.goals} held-out goals, return after K policy-gradient steps (20 rollouts "
+          "per step; mean ± 95% CI over goals)")
+    print(table(rows, ["policy", "meta-steps", *(f"K = {k}" for k in STEPS)]))
+    if failed:
+        print(f"rows that failed: {', '.join(failed)} (see {out}/<row>.log)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
