@@ -324,13 +324,20 @@ class RunFolder:
         self.path = Path(out)
         self.resume, self.overwrite = bool(resume), bool(overwrite)
         self._fd: Optional[int] = None
+        self._legacy_seen: Optional[bool] = None
+
+    def _legacy(self) -> bool:
+        """Whether the folder is an earlier version's run (loading its checkpoint once per lock state)."""
+        if self._legacy_seen is None:
+            self._legacy_seen = self.path.is_dir() and not is_marked(self.path) and _is_legacy_run(self.path)
+        return self._legacy_seen
 
     # ---------------------------------------------------------------- context
     def __enter__(self) -> "RunFolder":
         if self.resume and self.overwrite:
             raise FewshotError("--resume continues the run in --out and --overwrite replaces it; pass one")
         check_out(self.path)
-        if self.path.is_dir() and (is_marked(self.path) or _is_legacy_run(self.path)):
+        if self.path.is_dir() and (is_marked(self.path) or self._legacy()):
             self._lock()
         try:
             self._check()
@@ -358,14 +365,14 @@ class RunFolder:
         if self.resume:
             if not last.is_file():
                 raise FewshotError(f"nothing to resume: {last} does not exist")
-            if not marked and not _is_legacy_run(out):
+            if not marked and not self._legacy():
                 from . import checkpoint
                 checkpoint.load(last)                     # names what is wrong with it
                 raise FewshotError(f"nothing to resume: {last} is not a fewshot run checkpoint")
             return
         if not out.is_dir():
             return
-        if marked or _is_legacy_run(out):
+        if marked or self._legacy():
             if last.is_file() and not self.overwrite:
                 raise FewshotError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                                    "replace it, or choose another --out")
@@ -394,6 +401,7 @@ class RunFolder:
         os.ftruncate(fd, 0)
         os.write(fd, info.encode()[:4000])
         self._fd = fd
+        self._legacy_seen = None                 # what was seen before the lock may have changed
 
     @property
     def locked(self) -> bool:
@@ -414,13 +422,13 @@ class RunFolder:
         if not self.resume:
             if header is not None:
                 _remove(out, files)
-            elif _is_legacy_run(out):
+            elif self._legacy():
                 _remove(out, _legacy_files(out))
             _write_manifest(out, [])
         else:
+            self._refuse_changes(cfg)
             if header is None:                              # an earlier version's run: adopt its files
                 _write_manifest(out, _legacy_files(out))
-            self._refuse_changes(cfg)
         atomic_write(out / "config.yaml", cfg.save)
 
     def _refuse_changes(self, cfg) -> None:
