@@ -42,7 +42,7 @@ for _code, _name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
         SAFETENSORS_DTYPES[_code] = getattr(torch, _name)
 _CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 #: a header larger than this is refused before it is read (the safetensors package uses the same bound)
-MAX_HEADER = 100 * 1024 * 1024
+MAX_HEADER = 100_000_000
 
 
 def _first_line(e: BaseException) -> str:
