@@ -174,7 +174,7 @@ def cmd_train(a) -> int:
     from . import methods
     from .config import RunConfig
     from .rundir import check_out
-    from .run import evaluate_run, fit, has_test_split
+    from .run import PROTOCOL_DEFAULTS, evaluate_run, fit, has_test_split
     if a.resume and not a.out:
         raise FewshotError("--resume needs --out RUN_DIR (the run directory to continue)")
     out = Path(a.out or f"runs/{a.method or 'run'}")
@@ -199,7 +199,7 @@ def cmd_train(a) -> int:
                 if k == "train":
                     for tk, tv in v.items():
                         setattr(cfg.train, tk, tv)
-                else:
+                elif PROTOCOL_DEFAULTS.get(k, object()) != v:   # the protocol's own value: left to be derived
                     setattr(cfg, k, v)
     elif not a.config and not from_run:
         raise FewshotError("name a method (see `fewshot methods`) or pass --config")

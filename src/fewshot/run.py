@@ -201,6 +201,11 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
 #: validation and test episodes when the run does not set them: 5 ways, 15 queries per class (the
 #: literature's usual protocol), fewer when the data or a fixed-size head cannot supply them
 EVAL_WAYS, EVAL_QUERIES = 5, 15
+#: the episode settings :func:`resolve_episodes` derives when unset, with the value it starts from; a
+#: method's literature defaults that state these same values (maml: ``val_queries: 15``) are left unset by
+#: the CLI, so that they hold wherever the data allows and are lowered (and said) where it does not
+PROTOCOL_DEFAULTS = {"val_ways": EVAL_WAYS, "test_ways": EVAL_WAYS, "val_queries": EVAL_QUERIES,
+                     "test_queries": EVAL_QUERIES}
 
 #: the flags of each episode setting, for messages
 _FLAGS = {"training": ("--ways", "--shots", "--queries"),

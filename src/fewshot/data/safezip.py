@@ -17,6 +17,8 @@ MAX_MEMBER_BYTES = 64 << 20
 MAX_RATIO = 100
 #: members smaller than this are not judged by ratio (a tiny blank bitmap or text file may compress well)
 RATIO_FLOOR_BYTES = 1 << 20
+#: bytes inflated per read: what a member can cost beyond its accepted size
+READ_BLOCK = 1 << 16
 
 
 def check_member(name: str, archive: str | Path = "") -> None:
@@ -43,7 +45,8 @@ def read_member(zf: zipfile.ZipFile, name: str, archive: str | Path = "",
     """The bytes of member ``name``, refused (one-line error naming ``archive:name``) when its declared size
     is over ``max_bytes`` (default :data:`MAX_MEMBER_BYTES`), its declared expansion ratio is over
     ``max_ratio`` (default :data:`MAX_RATIO`, judged above :data:`RATIO_FLOOR_BYTES`), or it expands past
-    ``max_bytes`` while being read (headers can lie: at most ``max_bytes + 1`` bytes are ever held).
+    ``max_bytes`` while being read (headers can lie: it is inflated in blocks of :data:`READ_BLOCK` bytes,
+    so no more than ``max_bytes`` plus one block is ever held).
     A corrupt member (bad CRC, broken deflate stream) is a one-line error too."""
     limit = MAX_MEMBER_BYTES if max_bytes is None else int(max_bytes)
     ratio_limit = MAX_RATIO if max_ratio is None else float(max_ratio)
@@ -59,12 +62,18 @@ def read_member(zf: zipfile.ZipFile, name: str, archive: str | Path = "",
     if info.file_size > RATIO_FLOOR_BYTES and ratio > ratio_limit:
         raise FewshotError(f"refusing {label}: it expands {ratio:.0f}-fold ({info.compress_size} -> "
                            f"{info.file_size} bytes), more than the {ratio_limit:g}-fold a real image does")
+    data = bytearray()
     try:
         with zf.open(info) as fh:
-            data = fh.read(limit + 1)
+            # small blocks: zipfile inflates as much as one read asks for before it cuts the output at the
+            # declared size, so one big read of a lying member would still inflate it whole
+            while block := fh.read(READ_BLOCK):
+                if len(data) + len(block) > limit:
+                    raise FewshotError(f"refusing {label}: it expands past the {limit} bytes allowed for one "
+                                       f"member (its header declares {info.file_size})")
+                data += block
+    except FewshotError:
+        raise
     except Exception as e:   # zlib.error, BadZipFile (CRC), EOFError, NotImplementedError (compression)
         raise FewshotError(f"cannot read {label}: {e.__class__.__name__}: {e}") from None
-    if len(data) > limit:
-        raise FewshotError(f"refusing {label}: it expands past the {limit} bytes allowed for one member "
-                           f"(its header declares {info.file_size})")
-    return data
+    return bytes(data)
