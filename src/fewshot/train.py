@@ -240,8 +240,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
         if diffs:
             raise FewshotError(f"resume would change the training settings of {last_path}: {', '.join(diffs)}")
         if ck.get("device") is not None and torch.device(ck["device"]).type != device.type:
-            raise FewshotError(f"{last_path} was trained on {ck['device']}; resuming on {device} would not continue "
-                               f"it exactly (pass --device {torch.device(ck['device']).type})")
+            raise FewshotError(f"{last_path} was trained on {ck['device']}; resuming it on {device} would not "
+                               f"continue it exactly: resume on a {torch.device(ck['device']).type} device")
         method.load_state_dict(ck["model"])
         set_channels_last(method, config.channels_last)
         opt.load_state_dict(ck["optimizer"])
