@@ -402,6 +402,20 @@ def test_resume_in_python_compares_resolved_values(ds16, tmp_path: Path) -> None
                         progress=False)
 
 
+def test_resume_refuses_another_device_and_overwrite_with_resume(ds16, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    fit(_cfg(2), out, progress=False, dataset=ds16)
+    with pytest.raises(FewshotError, match="--resume continues .* --overwrite replaces it; pass one"):
+        fit(_cfg(4), out, resume=True, overwrite=True, progress=False, dataset=ds16)
+    last = out / "checkpoints" / "last.pt"
+    ck = checkpoint.load(last)
+    assert ck["device"] == "cpu"
+    ck["device"] = "cuda:0"                        # as if trained on a GPU with device "auto"
+    checkpoint.save(ck, last)
+    with pytest.raises(FewshotError, match="was trained on cuda:0; resuming it on cpu would not continue it"):
+        fit(_cfg(4), out, resume=True, progress=False, dataset=ds16)
+
+
 # ------------------------------------------------------------------------------------------ exploding loss
 def test_an_exploding_loss_is_warned_about_once(capsys, ds16, tmp_path: Path) -> None:
     fit(_cfg(10, lr=1e6, val_every=0), tmp_path / "hot", progress=False, dataset=ds16)
