@@ -75,3 +75,10 @@ def test_rl_needs_no_batch_norm():
     m = methods.build("maml", fam.in_shape, outputs=fam.outputs, backbone="mlp", mlp_hidden=[8])
     with pytest.raises(FewshotError, match="--bn none"):
         m.loss(fam.sample())
+
+
+def test_plot_draws_navigation_trajectories(tmp_path):
+    from fewshot.plot import plot_run
+    run = fit(_cfg(episodes=2), tmp_path / "nav", progress=False)
+    names = {p.name for p in plot_run(run)}
+    assert names == {"learning_curves.png", "navigation_trajectories.png"}

@@ -1,5 +1,6 @@
 """``fewshot plot RUN``: learning curves and a t-SNE picture of held-out class embeddings (PNG); task families
-get their own pictures (sine: adaptation; copy: input, output and the memory attention over time)."""
+get their own pictures (:data:`FAMILY_FIGURES`; sine: adaptation; copy: input, output and the memory attention
+over time; 2-D navigation: trajectories before and after adaptation)."""
 from __future__ import annotations
 
 import json
@@ -54,11 +55,18 @@ def learning_curves(run_dir: Path, out: Path) -> Optional[Path]:
     axes[0].plot(steps, smooth([r["loss"] for r in tr]), color="C0", label="train loss")
     axes[0].set_xlabel("step")
     axes[0].set_ylabel("loss")
-    axes[0].set_yscale("log")
+    if all(r["loss"] > 0 for r in tr):
+        axes[0].set_yscale("log")           # (a policy-gradient surrogate can be negative: linear then)
     axes[0].legend()
     regression = "mse" in tr[0]
     bits = "bits" in tr[0]          # copy task: bits wrong per sequence (lower is better)
-    if bits:
+    rl = "return" in tr[0]          # RL task families: return after adaptation (higher is better)
+    if rl:
+        axes[1].plot(steps, smooth([r["return"] for r in tr]), color="C0", label="train tasks, after adaptation")
+        if "return_pre" in tr[0]:
+            axes[1].plot(steps, smooth([r["return_pre"] for r in tr]), color="C0", ls="--",
+                         label="train tasks, before adaptation")
+    elif bits:
         axes[1].plot(steps, smooth([r["bits"] for r in tr]), color="C0", label="train sequences")
     elif regression:
         axes[1].plot(steps, smooth([r["mse"] for r in tr]), color="C0", label="train tasks (query MSE)")
@@ -67,10 +75,11 @@ def learning_curves(run_dir: Path, out: Path) -> Optional[Path]:
     if va:
         axes[1].errorbar([r["step"] for r in va], [r["val_acc"] for r in va], yerr=[r["val_ci"] for r in va],
                          color="C1", marker="o", capsize=3,
-                         label="validation (held-out tasks)" if regression or bits else
+                         label="validation (held-out tasks)" if regression or bits or rl else
                          "validation (held-out classes)")
     axes[1].set_xlabel("step")
-    axes[1].set_ylabel("bits wrong per sequence" if bits else "MSE" if regression else "accuracy (%)")
+    axes[1].set_ylabel("return" if rl else "bits wrong per sequence" if bits else "MSE" if regression
+                       else "accuracy (%)")
     axes[1].legend()
     fig.suptitle(f"{run_dir.name}: learning curves")
     return _save(plt, fig, out)
@@ -201,6 +210,61 @@ def copy_task_figure(run, out: Path, data: Optional[str] = None, seed: int = 0) 
     return _save(plt, fig, out)
 
 
+@torch.no_grad()
+def navigation_trajectories(run, out: Path, data: Optional[str] = None, goals: int = 3, steps: int = 3,
+                            seed: int = 0) -> Path:
+    """For 2-D navigation runs (the MAML paper's Fig. 4): on a few held-out goals, one rollout of the policy
+    before adaptation and after each of ``steps`` policy-gradient steps (each on the run's number of
+    rollouts per inner step), with the goal marked."""
+    from . import tasks
+    from .errors import FewshotError
+    from .rl.meta import adaptation_rollouts
+    from .run import FAMILY_SEEDS
+    method = run.method
+    if not hasattr(method, "adapted_params"):
+        raise FewshotError(f"method {method.name} does not adapt by gradient steps; nothing to plot")
+    fam = tasks.make(data or run.config.data, run.config.shots, 1, device=run.device,
+                     seed=FAMILY_SEEDS["test"] + seed)
+    goal = fam.env.sample_tasks(goals, fam.generator)
+    was = method.training
+    method.eval()
+    try:
+        trajs, _, _ = adaptation_rollouts(method, fam.env, goal, steps, fam.shots, fam.generator,
+                                          method.config.discount)
+    finally:
+        method.train(was)
+    plt = _plt()
+    fig, axes = plt.subplots(1, goals, figsize=(4.0 * goals, 4.0), squeeze=False)
+    for i, ax in enumerate(axes[0]):
+        for k, traj in enumerate(trajs):
+            n = int(traj.mask[i, 0].sum())
+            path = torch.cat([torch.zeros(1, 2), traj.obs[i, 0, 1:n].cpu(), traj.obs[i, 0, n - 1:n].cpu()
+                              + traj.actions[i, 0, n - 1:n].cpu().clamp(-fam.env.max_speed, fam.env.max_speed)])
+            ax.plot(path[:, 0], path[:, 1], color=f"C{k}", lw=1.2,
+                    label=("before adaptation" if k == 0 else f"after {k} step{'s' if k > 1 else ''}")
+                    + f" (return {float(traj.returns[i, 0]):.1f})")
+        g = goal["goal"][i].cpu()
+        ax.scatter([0], [0], marker="o", color="k", zorder=3)
+        ax.scatter([g[0]], [g[1]], marker="*", s=150, color="gold", edgecolor="k", zorder=4, label="goal")
+        lim = fam.env.goal_range * 1.4
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+        ax.set_aspect("equal")
+        ax.legend(fontsize=7, loc="lower left")
+    fig.suptitle(f"{run.path.name}: {method.name} on held-out goals (one rollout each)")
+    return _save(plt, fig, out)
+
+
+#: task families with a figure of their own: family name -> (file name, figure function(run, out, data))
+FAMILY_FIGURES = {
+    "sine": ("sine_adaptation.png", lambda run, out, data: sine_adaptation(run, out, shots=run.config.shots)),
+    "copy": ("copy_task.png", lambda run, out, data: copy_task_figure(run, out, data=data)
+             if hasattr(run.method, "sequence_logits") else None),
+    "navigation2d": ("navigation_trajectories.png",
+                     lambda run, out, data: navigation_trajectories(run, out, data=data)),
+}
+
+
 def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Path]:
     """Write the run's plots under ``RUN/plots``; returns the files written."""
     from . import tasks
@@ -212,14 +276,10 @@ def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Pat
     if lc:
         written.append(lc)
     family = task_family(run, data)
-    if family == "sine":
-        written.append(sine_adaptation(run, out_dir / "sine_adaptation.png", shots=run.config.shots))
-        return written
-    if family is not None and tasks.family_name(family) == "copy" and hasattr(run.method, "sequence_logits"):
-        written.append(copy_task_figure(run, out_dir / "copy_task.png", data=family))
-        return written
     if family is not None:
-        return written
+        name, figure = FAMILY_FIGURES.get(tasks.family_name(family), (None, None))
+        path = figure(run, out_dir / name, family) if figure else None
+        return written + ([path] if path else [])
     ds = test_classes(run, data)
     if type(run.method).embed is not Method.embed:
         written.append(tsne_embeddings(run, ds, out_dir / "tsne_test_classes.png", max_classes=max_classes))
