@@ -347,4 +347,4 @@ def parse_split(spec: str) -> dict:
             raise FewshotError(f"bad split {spec!r}: files:train.txt,test.txt[,val.txt]")
         return {"kind": "files", "train": parts[0], "test": parts[1], "val": parts[2] if len(parts) > 2 else None}
     raise FewshotError(f"unknown split {spec!r}; use auto, published, fraction:F, 90-10/80-20/50-50, group:A,B, "
-                       "files:..., cifar-fs, fc100 or none")
+                       "files:..., cifar-fs or fc100, or none")

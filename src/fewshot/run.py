@@ -167,6 +167,8 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
         train_ds = train_ds.with_rotations()
     _fill_outputs(cfg, cfg.ways)
     _fill_attr_dim(cfg, ds)
+    torch.manual_seed(cfg.seed)
+    method = methods.build(cfg.method, ds.image_shape, **cfg.options)     # bad method options fail first
     # every sampler's shape is checked here, before the first step (the test one too, unless not wanted)
     if not cfg.train.val_every:
         val_ds = None
@@ -181,8 +183,6 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
                                       device=device, seed=1, **semi)
     if test_ds is not None and check_test:
         episode_sampler("test", test_ds, cfg.test_ways, cfg.test_shots, cfg.test_queries, dtype=None, **semi)
-    torch.manual_seed(cfg.seed)
-    method = methods.build(cfg.method, ds.image_shape, **cfg.options)
     if chosen:
         print(f"fewshot: {chosen}", file=sys.stderr)
     folder.create(cfg)          # creates, cleans and locks the folder, refuses changed settings on resume
@@ -471,6 +471,46 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: Optional[int] = Non
         rundir.record(csv_path)             # fewshot's files in the run folder, for --overwrite
         rundir.record(run.path / "eval" / f"{tag}.json")
     return res
+
+
+def adapts_in_environment(run: Run, data: Optional[str] = None) -> bool:
+    """Whether ``run`` is evaluated on RL tasks (``data``, else its own family), where evaluation reports
+    the return after each number of adaptation steps (:func:`adaptation_curve`)."""
+    family = task_family(run, data)
+    return family is not None and getattr(tasks.FAMILIES.get(tasks.family_name(family)), "metric", None) == "return"
+
+
+ADAPTATION_STEPS = (0, 1, 2, 3)
+
+
+def adaptation_curve(run: Run, data: Optional[str] = None, episodes: Optional[int] = None,
+                     shots: Optional[int] = None, seed: int = 0, steps=ADAPTATION_STEPS, save: bool = True) -> dict:
+    """RL runs: ``{k: (mean return, 95% CI)}`` over ``episodes`` held-out tasks (default: the run's
+    ``test_episodes``) after ``k`` policy-gradient steps for each ``k`` in ``steps``, each step adapting on
+    ``shots`` fresh rollouts per task (default: the run's ``test_shots``); writes ``eval/adaptation-….json``."""
+    from .rl.meta import evaluate_adaptation
+    cfg = run.config
+    family = task_family(run, data)
+    if not hasattr(run.method, "adapted_params"):
+        raise FewshotError(f"method {cfg.method} does not adapt by gradient steps; RL evaluation needs one")
+    episodes = episodes or cfg.test_episodes
+    shots = shots or cfg.test_shots or cfg.shots
+    for flag, v in (("--episodes", episodes), ("--shots", shots)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise FewshotError(f"{flag} must be at least 1, got {v!r}")
+    sampler = tasks.make(family, shots, shots, device=run.device, seed=FAMILY_SEEDS["test"] + seed)
+    if tuple(sampler.in_shape) != tuple(run.checkpoint["in_shape"]):
+        raise FewshotError(f"--data {family} tasks have observations of shape {tuple(sampler.in_shape)}, but "
+                           f"this run was trained on {tuple(run.checkpoint['in_shape'])}")
+    curve = evaluate_adaptation(run.method, sampler, episodes, tuple(steps), rollouts=shots)
+    if save:
+        path = run.path / "eval" / f"adaptation-{family.replace(':', '-')}-{shots}r-seed{seed}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"data": family, "tasks": episodes, "rollouts_per_step": shots, "seed": seed,
+                                    "returns": {str(k): {"mean": m, "ci95": c} for k, (m, c) in curve.items()},
+                                    "checkpoint_step": run.checkpoint.get("step")}, indent=1))
+        rundir.record(path)
+    return curve
 
 
 def tta_method(run: Run, tta: Optional[int], family: Optional[str] = None) -> tuple:
