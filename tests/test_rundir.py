@@ -311,6 +311,17 @@ def test_ctrl_c_at_any_moment_is_exact(monkeypatch, ds16, tmp_path: Path, uninte
     assert _rows(out) == _rows(uninterrupted)
 
 
+def test_ctrl_c_in_the_last_step_completes_the_run(monkeypatch, capsys, ds16, tmp_path: Path,
+                                                   uninterrupted: Path) -> None:
+    out = tmp_path / "run"
+    with monkeypatch.context() as mp:
+        _interrupt_on(mp, "optimiser step", 12)
+        run = fit(_cfg(ckpt_every=4), out, progress=False, dataset=ds16)      # no TrainingInterrupted
+    assert run.train_result.steps == 12
+    assert "step 12: training ended with the step that Ctrl-C let finish" in capsys.readouterr().out
+    _same_weights(out, uninterrupted)
+
+
 def test_second_ctrl_c_stops_at_once_and_saves_nothing(monkeypatch, ds16, tmp_path: Path,
                                                        uninterrupted: Path) -> None:
     out = tmp_path / "run"

@@ -8,7 +8,8 @@ state), a tqdm progress bar, and metrics in ``metrics.csv`` / ``metrics.jsonl`` 
 Stops are exact. A first Ctrl-C (SIGINT) only asks for a stop: the current step (sampling, forward,
 backward, optimiser step, its validation and checkpoint) runs to its end, ``last.pt`` is saved with the
 state of that completed step and :class:`TrainingInterrupted` is raised, so ``--resume`` continues with the
-very episode an uninterrupted run would have drawn next. A second Ctrl-C stops at once and saves nothing
+very episode an uninterrupted run would have drawn next (when that step ended the training, by its
+length, time limit or learning-rate floor, the run is simply complete). A second Ctrl-C stops at once and saves nothing
 (the state may be half-updated): ``last.pt`` keeps the last periodic checkpoint, which resumes exactly too,
 like a SIGKILL. A training loss that grows far beyond its starting level gets one warning line.
 """
@@ -280,7 +281,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
             checkpoint.save(state("best"), ckdir / "best.pt")
         return res.loss
 
-    stopped_early, warned = False, False
+    stopped_early, warned, interrupted = False, False, False
     method.train()
     bar = tqdm(total=config.episodes, initial=step, desc=f"train {method.name}", disable=not progress,
                unit="ep", dynamic_ncols=True)
@@ -354,7 +355,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                     if val_sampler is not None and config.val_every and step % config.val_every:
                         validate(lr)
                     break
-                if stop.requested:                  # step boundary: everything of this step is done
+                if stop.requested and step < config.episodes:   # a step boundary: all of this step is done
+                    interrupted = True
                     break
             save_last()
             if val_sampler is None or not config.val_every or not (ckdir / "best.pt").exists():
@@ -366,6 +368,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
             raise TrainingInterrupted(last_path, saved_step, saved=False) from None
         finally:
             bar.close()
-        if stop.requested:
+        if interrupted:
             raise TrainingInterrupted(last_path, step, saved=True)
+        if stop.requested:      # the step that Ctrl-C let finish ended the training: the run is complete
+            bar.write(f"step {step}: training ended with the step that Ctrl-C let finish")
     return TrainResult(step, best, elapsed, stopped_early, str(out))
