@@ -82,3 +82,23 @@ def test_plot_draws_navigation_trajectories(tmp_path):
     run = fit(_cfg(episodes=2), tmp_path / "nav", progress=False)
     names = {p.name for p in plot_run(run)}
     assert names == {"learning_curves.png", "navigation_trajectories.png"}
+
+
+def test_cli_train_and_eval_print_returns_after_each_step(tmp_path, capsys):
+    import yaml
+    from fewshot.cli import main
+    cfg = _cfg(episodes=2)
+    cfg.test_episodes = 4
+    recipe = tmp_path / "nav.yaml"
+    recipe.write_text(yaml.safe_dump(cfg.to_dict()))
+    out = tmp_path / "run"
+    assert main(["train", "--config", str(recipe), "--out", str(out), "--no-progress"]) == 0
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("test: after")]
+    assert [l.split(":")[1].strip() for l in lines] == [f"after {k} steps" for k in range(4)]
+    assert main(["eval", str(out), "--episodes", "5", "--no-progress"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 4 and all(l.startswith(f"after {k} steps: return ") for k, l in enumerate(lines))
+    assert "5 held-out tasks" in lines[0]
+    # the same tasks and rollouts again
+    assert main(["eval", str(out), "--episodes", "5", "--no-progress"]) == 0
+    assert capsys.readouterr().out.splitlines() == lines

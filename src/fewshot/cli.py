@@ -174,7 +174,7 @@ def cmd_train(a) -> int:
     from . import methods
     from .config import RunConfig
     from .rundir import check_out
-    from .run import PROTOCOL_DEFAULTS, evaluate_run, fit, has_test_split
+    from .run import PROTOCOL_DEFAULTS, adaptation_curve, adapts_in_environment, evaluate_run, fit, has_test_split
     if a.resume and not a.out:
         raise FewshotError("--resume needs --out RUN_DIR (the run directory to continue)")
     out = Path(a.out or f"runs/{a.method or 'run'}")
@@ -246,6 +246,8 @@ def cmd_train(a) -> int:
     if not a.no_eval and not has_test_split(cfg):
         print(f"fewshot: no final test: --split none holds out no test classes (evaluate with "
               f"`fewshot eval {out} --data DATA`)", file=sys.stderr)
+    elif not a.no_eval and adapts_in_environment(run):
+        _print_curve(adaptation_curve(run), run.config.test_episodes, "test: ")
     elif not a.no_eval:
         res = evaluate_run(run, ways=cfg.test_ways, shots=cfg.test_shots, queries=cfg.test_queries,
                            episodes=cfg.test_episodes, progress=not a.no_progress)
@@ -253,8 +255,14 @@ def cmd_train(a) -> int:
     return 0
 
 
+def _print_curve(curve: dict, tasks: int, prefix: str = "") -> None:
+    """RL evaluation: one line per number of adaptation steps."""
+    for k, (m, c) in curve.items():
+        print(f"{prefix}after {k} steps: return {m:.2f} ± {c:.2f} (95% CI, {tasks} held-out tasks)")
+
+
 def cmd_eval(a) -> int:
-    from .run import evaluate_run, lake_eval, load_run, pair_metrics
+    from .run import adaptation_curve, adapts_in_environment, evaluate_run, lake_eval, load_run, pair_metrics
     if a.pairs < 0:
         raise FewshotError(f"--pairs must be at least 0, got {a.pairs}")
     run = load_run(a.run, a.checkpoint, device=a.device)
@@ -264,6 +272,10 @@ def cmd_eval(a) -> int:
             print(f"{r['run']}: error {r['error_rate']:.1f}% ({r['errors']}/{r['n']})")
         print(f"overall error rate: {res['error_rate']:.2f}% over {res['n']} test images "
               f"({len(res['runs'])} runs)")
+        return 0
+    if adapts_in_environment(run, a.data):
+        curve = adaptation_curve(run, a.data, episodes=a.episodes, shots=a.shots, seed=a.seed)
+        _print_curve(curve, a.episodes or run.config.test_episodes)
         return 0
     res = evaluate_run(run, a.data, a.ways, a.shots, a.queries, a.episodes, a.seed, progress=not a.no_progress,
                        unlabeled=a.unlabeled, distractors=a.distractors, tta=a.tta)

@@ -463,7 +463,7 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: Optional[int] = Non
                + ("" if data is None else "-" + Path(data).name) + (f"-tta{copies}" if copies else ""))
     csv_path = run.path / "eval" / f"{tag}.csv" if save else None
     res = evaluate(method, sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
-                   desc=f"eval {ways}w{shots}s")
+                   desc=f"eval {family}" if family is not None else f"eval {ways}w{shots}s")
     if save:
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
             {**res.summary(), "data": data or run.config.data, "classes": len(ds) if ds is not None else None,

@@ -143,10 +143,10 @@ def adapted_returns(method, episode: Episode, steps: Optional[int] = None) -> to
 
 @torch.no_grad()
 def evaluate_adaptation(method, family, n_tasks: int = 100, steps: Sequence[int] = (0, 1, 2, 3),
-                        rollouts: Optional[int] = None, baseline_policy=None) -> dict:
+                        rollouts: Optional[int] = None, chunk: int = 100) -> dict:
     """Mean return ``(mean, 95% CI)`` over ``n_tasks`` held-out tasks after each number of inner steps in
     ``steps`` (each step adapting on ``rollouts`` fresh rollouts, default the family's ``shots``), drawn
-    from ``family`` reset to its seed, so every method meets the same tasks."""
+    from ``family`` reset to its seed, so every method meets the same tasks; ``chunk`` tasks at a time."""
     from ..evaluate import mean_ci
     family.generator.manual_seed(family.seed)
     env = family.env
@@ -154,14 +154,19 @@ def evaluate_adaptation(method, family, n_tasks: int = 100, steps: Sequence[int]
     R = rollouts or family.shots
     was = method.training
     method.eval()
+    per_step = [[] for _ in range(max(steps) + 1)]
     try:
-        trajs, _, _ = adaptation_rollouts(method, env, tasks, max(steps), R, family.generator,
-                                          method.config.discount)
+        for i in range(0, n_tasks, chunk):          # bounded memory; the same draws whatever the chunk
+            part = {k: v[i:i + chunk] for k, v in tasks.items()}
+            trajs, _, _ = adaptation_rollouts(method, env, part, max(steps), R, family.generator,
+                                              method.config.discount)
+            for k, traj in enumerate(trajs):
+                per_step[k].extend(traj.returns.mean(1).double().tolist())
     finally:
         method.train(was)
     out = {}
     for k in steps:
-        m, ci, _ = mean_ci(trajs[k].returns.mean(1).double().tolist())
+        m, ci, _ = mean_ci(per_step[k])
         out[k] = (m, ci)
     return out
 
