@@ -54,6 +54,8 @@ class Preprocess:
             raise FewshotError(f"malformed preprocess.size {size!r}: expected [height, width]")
         if isinstance(channels, bool) or channels not in (0, 1, 3):
             raise FewshotError(f"malformed preprocess.channels {channels!r}: expected 1 or 3")
+        if (channels == 0) != (tuple(size) == (0, 0)):      # only a task family's record has no pixels
+            raise FewshotError(f"malformed preprocess.size {size!r} for {channels} channel(s)")
         if not isinstance(invert, bool):
             raise FewshotError(f"malformed preprocess.invert {invert!r}: expected true or false")
         audio = d.get("audio")
