@@ -213,6 +213,9 @@ CASES = [
     Case("out-is-a-file", lambda c: (c.tmp / "f.txt").write_text("mine") and
          ["train", "protonet", "--data", c.images, *TINY, "--out", c.tmp / "f.txt"],
          lambda c: ("--out", "f.txt")),
+    Case("out-under-a-file", lambda c: (c.tmp / "f.txt").write_text("mine") and
+         ["train", "protonet", "--data", c.images, *TINY, "--out", c.tmp / "f.txt" / "run"],
+         lambda c: ("--out", "f.txt", "is a file")),
     Case("eval-episodes-0", lambda c: ["eval", c.image_run, "--episodes", "0"], lambda c: ("--episodes",)),
     Case("eval-queries-0", lambda c: ["eval", c.image_run, "--queries", "0"], lambda c: ("--queries",)),
     Case("eval-image-run-on-sine", lambda c: ["eval", c.image_run, "--data", "sine"],
