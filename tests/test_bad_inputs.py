@@ -355,7 +355,7 @@ def test_queries_and_ways_are_derived_from_the_data(capsys, tmp_path: Path) -> N
                            "--val-episodes", "5", "--test-episodes", "5", "--hidden", "8", "--split", "fraction:0.5",
                            "--val-fraction", "0.34", "--no-progress")
     assert rc == 0, err
-    chosen = [l for l in err.splitlines() if l.startswith("fewshot: ") and "chosen" in l]
+    chosen = [l for l in err.splitlines() if l.startswith("fewshot: ") and "from the data" in l]
     assert len(chosen) == 1 and "validation 2-way 1-shot 9-query" in chosen[0] and \
         "test 5-way 1-shot 9-query" in chosen[0], err
     assert "5-way 1-shot 9-query" in out

@@ -240,7 +240,8 @@ def resolve_episodes(cfg: RunConfig, val_ds: Optional[ClassDataset], test_ds: Op
     nothing)."""
     head, semi = head_size(cfg), cfg.unlabeled
     if head is not None and cfg.ways > head:
-        raise FewshotError(f"--ways {cfg.ways}: {cfg.method} with --outputs {head} has a {head}-way head")
+        raise FewshotError(f"--ways {cfg.ways} is more than {cfg.method}'s {head}-way head (--outputs {head}) "
+                           "can classify")
     chosen = []
     for what, ds, prefix in (("validation", val_ds, "val"), ("test", test_ds, "test")):
         if ds is None:
@@ -263,8 +264,9 @@ def resolve_episodes(cfg: RunConfig, val_ds: Optional[ClassDataset], test_ds: Op
             chosen.append(f"{what} {ways}-way {shots}-shot {getattr(cfg, f'{prefix}_queries')}-query")
     if not chosen:
         return ""
-    return (", ".join(chosen) + " episodes (not set, so chosen from the data; "
-            f"{', '.join(f for w in ('validation', 'test') for f in (_FLAGS[w][0], _FLAGS[w][2]))} set them)")
+    flags = ", ".join(f for w in ("validation", "test") for f in (_FLAGS[w][0], _FLAGS[w][2]))
+    return (", ".join(chosen) + f" episodes (from the data: {EVAL_WAYS} ways and {EVAL_QUERIES} queries unless a "
+            f"split, its smallest class or a fixed-size head allows fewer; {flags} choose them)")
 
 
 def episode_sampler(what: str, ds: ClassDataset, ways: int, shots: int, queries: int, **kw) -> EpisodeSampler:
