@@ -3,7 +3,8 @@
 Regression task families (``sampler.regression``, e.g. sine) report the mean squared error per task instead;
 a family with its own metric (``sampler.metric``, e.g. the copy task's ``"bits"``: bits wrong per sequence,
 lower is better) scores each task with ``sampler.score(prediction, episode)`` (and its loss column with
-``sampler.task_loss`` when it has one).
+``sampler.task_loss`` when it has one); a family that scores the method itself in closed loop (RL returns,
+imitation success) has ``sampler.evaluate_episode(method, episode)``, and says ``higher_is_better``.
 
 Episodes are drawn in batches of :data:`EVAL_BATCH` tasks from a sampler reset to its seed, so every
 method is scored on exactly the same episodes whatever its memory needs (``chunk`` only splits the
@@ -117,6 +118,12 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
             for i in range(0, EVAL_BATCH, step):
                 sl = slice(i, i + step)
                 part = ep if step >= EVAL_BATCH else ep.tasks(sl)
+                if hasattr(sampler, "evaluate_episode"):    # a family that scores the method itself (control)
+                    with autocast(device, precision):
+                        scores = sampler.evaluate_episode(method, part).float()
+                    accs.extend(scores.tolist())
+                    losses.extend((-scores).tolist())
+                    continue
                 with autocast(device, precision):
                     if hasattr(method, "predict_episode"):
                         logits = method.predict_episode(part)

@@ -53,5 +53,5 @@ def describe(name: str) -> str:
     return doc[0] if doc else ""
 
 
-from . import (gaussian, gbml, hallucinate, mann, matching, metalstm, ntm, protonet,  # noqa: E402,F401
-               relation, semisup, siamese, taskcond)  # (registers methods)
+from . import (contextual, gaussian, gbml, hallucinate, mann, matching, metalstm, ntm,  # noqa: E402,F401
+               protonet, relation, semisup, siamese, taskcond)  # (registers methods)

@@ -476,15 +476,6 @@ class GradientMethod(Method):
         out, _ = self.forward_with(full, qx, steps)
         return out.detach()
 
-    def predict_episode(self, episode):
-        """Query outputs for an episode; for an RL episode, each task's mean return after adapting with
-        ``test_steps`` inner steps on fresh rollouts (:func:`fewshot.rl.meta.adapted_returns`)."""
-        from ..rl import meta as rl
-        if rl.is_rl(episode):
-            rl.check_rl_config(self)
-            return rl.adapted_returns(self, episode)
-        return super().predict_episode(episode)
-
     def predict(self, support_x, support_y, query_x, ways=None, steps: int | None = None):
         """Adapt to each task's support set (``steps``, default ``test_steps``) and return query outputs:
         logits ``[B, M, ways]`` (the first ``ways`` outputs of the head), or predictions for regression."""

@@ -164,6 +164,94 @@ class Navigation2D(TaskSource):
         return f"Navigation2D(horizon={self.horizon})"
 
 
+class Reach2D(TaskSource):
+    """Reaching one of ``targets`` points in the plane, where only a demonstration says which (the
+    one-shot imitation setting of Finn et al. 2017b, in 2-D).
+
+    A task is ``targets`` positions ``~ U[-0.5, 0.5]^2`` (at least ``separation`` apart), the index of the
+    one to reach, and a start position ``~ U[-0.2, 0.2]^2``. The observation is the agent's position and
+    every target's position ``[x, y, t1x, t1y, ...]``; the action is a velocity clipped to ``max_speed``;
+    the reward is minus the distance to the true target. An episode lasts ``horizon`` steps and succeeds
+    when the agent stays within ``tolerance`` of the true target for the last ``last`` steps (the MIL
+    code's criterion). :meth:`demonstrations` draws expert demonstrations of a task from other start
+    positions, with the targets listed in a different order each time."""
+
+    name = "reach"
+    action_dim = 2
+
+    def __init__(self, targets: int = 3, horizon: int = 20, max_speed: float = 0.1, tolerance: float = 0.05,
+                 last: int = 10, separation: float = 0.2):
+        if int(targets) < 1:
+            raise FewshotError(f"reaching needs at least 1 target, got targets={targets}")
+        if int(horizon) < int(last) or int(last) < 1:
+            raise FewshotError(f"reaching needs horizon >= last >= 1, got horizon={horizon}, last={last}")
+        self.targets, self.horizon, self.last = int(targets), int(horizon), int(last)
+        self.max_speed, self.tolerance, self.separation = float(max_speed), float(tolerance), float(separation)
+        self.obs_dim = 2 + 2 * self.targets
+
+    def sample_tasks(self, n: int, generator: torch.Generator) -> Tasks:
+        dev = generator.device
+        tries = 16                                   # rejection sampling, vectorised over tries
+        cand = torch.rand(n, tries, self.targets, 2, generator=generator, device=dev) - 0.5
+        d = (cand.unsqueeze(2) - cand.unsqueeze(3)).norm(dim=-1)
+        d = d + torch.eye(self.targets, device=dev) * 10
+        ok = d.flatten(2).min(-1).values >= self.separation
+        first = torch.where(ok.any(1), ok.float().argmax(1), torch.full((n,), tries - 1, device=dev))
+        targets = cand[torch.arange(n, device=dev), first]
+        index = torch.randint(self.targets, (n,), generator=generator, device=dev)
+        start = (torch.rand(n, 2, generator=generator, device=dev) - 0.5) * 0.4
+        return {"targets": targets, "index": index, "start": start}
+
+    def goal(self, tasks: Tasks) -> torch.Tensor:
+        return tasks["targets"][torch.arange(len(tasks["index"])), tasks["index"]]
+
+    def _obs(self, pos: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """``[B, R, 2 + 2n]`` from positions ``[B, R, 2]`` and (per-rollout) target lists ``[B, R, n, 2]``."""
+        return torch.cat([pos, targets.flatten(-2)], -1)
+
+    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+        B = tasks["start"].shape[0]
+        pos = tasks["start"].unsqueeze(1).expand(B, rollouts, 2).clone()
+        tg = tasks["targets"].unsqueeze(1).expand(B, rollouts, self.targets, 2)
+        return (pos, tg), self._obs(pos, tg)
+
+    def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
+        pos, tg = state
+        pos = pos + action.clamp(-self.max_speed, self.max_speed)
+        dist = (pos - self.goal(tasks).unsqueeze(1)).norm(dim=-1)
+        return (pos, tg), self._obs(pos, tg), -dist, torch.zeros_like(dist, dtype=torch.bool)
+
+    def success(self, tasks: Tasks, traj: Trajectories) -> torch.Tensor:
+        """``[B, R]`` 1.0 where the rollout stayed within ``tolerance`` of the true target for its last
+        ``last`` steps. (``rewards`` are minus the distance after each step.)"""
+        return (-traj.rewards[..., -self.last:] < self.tolerance).all(-1).float()
+
+    def expert_action(self, goal: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+        """The scripted expert: the clipped step straight to the goal ``[B, 2]`` (it then stays there)."""
+        return (goal.unsqueeze(1) - obs[..., :2]).clamp(-self.max_speed, self.max_speed)
+
+    def demonstrations(self, tasks: Tasks, n: int, generator: torch.Generator) -> tuple:
+        """``n`` expert demonstrations per task, each from a fresh start ``~ U[-0.2, 0.2]^2`` with the targets
+        listed in a fresh random order: observations ``[B, n, T, O]`` and actions ``[B, n, T, 2]``."""
+        B, dev = tasks["targets"].shape[0], tasks["targets"].device
+        order = torch.rand(B, n, self.targets, generator=generator, device=dev).argsort(-1)
+        tg = tasks["targets"].unsqueeze(1).expand(B, n, self.targets, 2).gather(
+            2, order.unsqueeze(-1).expand(B, n, self.targets, 2))
+        pos = (torch.rand(B, n, 2, generator=generator, device=dev) - 0.5) * 0.4
+        goal = self.goal(tasks)
+        obs, act = [], []
+        for _ in range(self.horizon):
+            o = self._obs(pos, tg)
+            a = self.expert_action(goal, o)
+            obs.append(o)
+            act.append(a)
+            pos = pos + a
+        return torch.stack(obs, 2), torch.stack(act, 2)
+
+    def __repr__(self) -> str:
+        return f"Reach2D(targets={self.targets}, horizon={self.horizon})"
+
+
 class GymnasiumSource(TaskSource):
     """Any gymnasium environment with a task parameter, as a :class:`TaskSource`.
 
@@ -256,14 +344,17 @@ def parse_options(spec: str, allowed: dict) -> dict:
     return out
 
 
-SOURCES = {"bandit": BernoulliBandit, "navigation2d": Navigation2D}
+SOURCES = {"bandit": BernoulliBandit, "navigation2d": Navigation2D, "reach": Reach2D}
 
 
 def make_source(spec: str) -> TaskSource:
-    """A task source from a ``--data`` string: ``bandit[:k=K,n=N]`` or ``navigation2d[:horizon=T]``."""
+    """A task source from a ``--data`` string: ``bandit[:k=K,n=N]``, ``navigation2d[:horizon=T]`` or
+    ``reach[:targets=N,horizon=T]``."""
     name = str(spec).partition(":")[0]
     if name == "bandit":
         return BernoulliBandit(**parse_options(spec, {"k": 5, "n": 100}))
     if name == "navigation2d":
         return Navigation2D(**parse_options(spec, {"horizon": 100}))
+    if name == "reach":
+        return Reach2D(**parse_options(spec, {"targets": 3, "horizon": 20}))
     raise FewshotError(f"unknown RL task family {spec!r}; choose from {', '.join(SOURCES)}")

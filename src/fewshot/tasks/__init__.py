@@ -6,21 +6,24 @@ so the trainer, the evaluator and the CLI use it as they use image episodes: ``-
 ``--data toy-binary``. ``regression`` tells the evaluator to report the mean squared error; a family with its
 own per-task metric sets ``metric`` (e.g. ``"bits"``, lower is better) and ``score(prediction, episode)``.
 Families with a ``from_spec`` class method accept options after a colon: ``copy:40``, ``copy:1-20``,
-``bandit:k=5,n=100``; ``navigation2d`` and ``bandit`` are reinforcement-learning families (:mod:`.rl`).
+``bandit:k=5,n=100``; ``navigation2d`` and ``bandit`` are reinforcement-learning families (:mod:`.rl`),
+``reach`` a meta-imitation family (:mod:`.imitation`). A family that scores a method itself (closed-loop
+control) has ``evaluate_episode(method, episode) -> [B]``, which the evaluator calls instead of ``predict``.
 """
 from __future__ import annotations
 
 from ..errors import FewshotError
 from .base import TaskFamily
 from .copy import CopyTasks
+from .imitation import ImitationTasks
 from .rl import RLTasks
 from .sine import SineTasks
 from .toy import BinaryTasks
 
 FAMILIES = {"sine": SineTasks, "toy-binary": BinaryTasks, "copy": CopyTasks, "bandit": RLTasks,
-            "navigation2d": RLTasks}
+            "navigation2d": RLTasks, "reach": ImitationTasks}
 
-__all__ = ["FAMILIES", "BinaryTasks", "CopyTasks", "RLTasks", "SineTasks", "TaskFamily", "family_name", "is_family", "make"]
+__all__ = ["FAMILIES", "BinaryTasks", "CopyTasks", "ImitationTasks", "RLTasks", "SineTasks", "TaskFamily", "family_name", "is_family", "make"]
 
 
 def family_name(name: str) -> str:

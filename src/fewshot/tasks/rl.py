@@ -46,10 +46,15 @@ class RLTasks(TaskFamily):
         extra.update(env=self.env, generator=self.generator)
         return Episode(empty, empty, empty, empty, 0, self.shots, self.queries, extra=extra)
 
-    def score(self, prediction, episode: Episode):
-        """Per-task metric of an evaluation: the method's prediction for an RL episode is already each
-        task's mean return after adaptation (higher is better)."""
-        return prediction.float()
+    def evaluate_episode(self, method, episode: Episode):
+        """Each task's mean return ``[B]`` after the method adapts with its ``test_steps`` policy-gradient
+        steps on fresh rollouts (:func:`fewshot.rl.meta.adapted_returns`; gradient-based methods only)."""
+        from ..rl.meta import adapted_returns, check_rl_config
+        if not hasattr(method, "adapted_params"):
+            raise FewshotError(f"method {method.name} does not adapt by gradient steps; it cannot be evaluated "
+                               "on RL tasks")
+        check_rl_config(method)
+        return adapted_returns(method, episode).float()
 
     def __repr__(self) -> str:
         return f"RLTasks({self.env!r}, {self.shots} inner / {self.queries} outer rollouts, batch {self.batch})"
