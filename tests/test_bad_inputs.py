@@ -316,6 +316,21 @@ def test_yaml_floats_follow_yaml_1_2(tmp_path: Path) -> None:
     assert (cfg.train.lr, cfg.train.min_lr, cfg.train.gamma, cfg.train.weight_decay) == (1e-3, 5e-7, 0.5, 100.0)
     assert isinstance(cfg.ways, int) and cfg.ways == 5
     assert yaml.safe_load("lr: 1e-3")["lr"] == "1e-3"      # what plain PyYAML does
+    # and what RunConfig.save writes reads back equal, strings that look like 1.2 numbers included
+    odd = RunConfig(data="1e5", split="files:2e1,3e1")
+    odd.save(tmp_path / "odd.yaml")
+    assert RunConfig.load(tmp_path / "odd.yaml") == odd
+
+
+def test_evaluate_refuses_no_episodes_or_queries(synthetic) -> None:
+    from fewshot import methods
+    from fewshot.episodes import EpisodeSampler
+    from fewshot.evaluate import evaluate
+    m = methods.build("protonet", synthetic.image_shape, backbone="mlp", mlp_hidden=[8], embedding=4)
+    with pytest.raises(FewshotError, match="episodes must be at least 1"):
+        evaluate(m, EpisodeSampler(synthetic, 3, 1, 2), 0, progress=False)
+    with pytest.raises(FewshotError, match="at least 1 query"):
+        evaluate(m, EpisodeSampler(synthetic, 3, 1, 0), 5, progress=False)
 
 
 def test_python_api_gets_the_same_checks() -> None:

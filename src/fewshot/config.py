@@ -106,7 +106,9 @@ class RunConfig:
         check_config(self)
 
     def save(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """Write as YAML that :meth:`load` reads back to an equal config (strings that YAML 1.2 would read
+        as numbers, such as a folder named ``1e5``, are quoted)."""
+        Path(path).write_text(yaml.dump(self.to_dict(), Dumper=YamlDumper, sort_keys=False))
 
     @staticmethod
     def load(path) -> "RunConfig":
@@ -137,6 +139,14 @@ YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:float"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 YamlLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+class YamlDumper(yaml.SafeDumper):
+    """PyYAML's safe dumper resolving plain scalars as :class:`YamlLoader` does, so it quotes every string
+    that loader would read as a number."""
+
+
+YamlDumper.yaml_implicit_resolvers = YamlLoader.yaml_implicit_resolvers
 
 
 def read_yaml(path: Path):
