@@ -18,7 +18,12 @@ def test_reinforce_matches_exact_gradient_on_two_armed_bandit(baseline):
     g = torch.Generator().manual_seed(1)
     out = theta.detach().expand(1, R, 2)
     acts = torch.stack([sample_action(out, True, g) for _ in range(n)], 2)         # [1, R, n]
-    rew = torch.stack([bandit.step({"p": p}, None, acts[:, :, t], g)[2] for t in range(n)], 2)
+    state, _ = bandit.reset({"p": p}, R)
+    rew = []
+    for t in range(n):
+        state, _, r, _ = bandit.step({"p": p}, state, acts[:, :, t], g)
+        rew.append(r)
+    rew = torch.stack(rew, 2)
     mask = torch.ones_like(rew)
     obs = torch.ones(1, R, n, 1)
     adv = advantages(obs, rew, mask, discount=1.0, baseline=baseline, normalize=False)

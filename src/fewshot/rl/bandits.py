@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from ..errors import FewshotError
-from .envs import BernoulliBandit, Tasks, Trajectories
+from .envs import BernoulliBandit, Tasks, Trajectories, rollout
 
 #: largest horizon the Gittins table is computed for (its cost grows as grid x n^3 / 6)
 GITTINS_MAX_N = 200
@@ -177,20 +177,10 @@ def run_policy(name: str, bandit: BernoulliBandit, tasks: Tasks, rollouts: int, 
     device = tasks["p"].device
     policy = make_policy(name, bandit, torch.Generator(device=device).manual_seed(policy_seed))
     env_g = torch.Generator(device=device).manual_seed(seed)
-    _, obs = bandit.reset(tasks, rollouts)
-    s = torch.zeros(*obs.shape[:2], bandit.k, device=device)
-    f = torch.zeros_like(s)
-    actions, rewards = [], []
-    for t in range(bandit.n):
-        arm = policy(s, f, t)
-        _, _, r, _ = bandit.step(tasks, None, arm, env_g)
-        s.scatter_add_(-1, arm.unsqueeze(-1), r.unsqueeze(-1))
-        f.scatter_add_(-1, arm.unsqueeze(-1), (1 - r).unsqueeze(-1))
-        actions.append(arm)
-        rewards.append(r)
-    rew = torch.stack(rewards, 2)
-    return Trajectories(obs.unsqueeze(2).expand(*obs.shape[:2], bandit.n, 1), torch.stack(actions, 2), rew,
-                        torch.ones_like(rew))
+    k, n = bandit.k, bandit.n
+    # the observation holds the counts: successes, failures (and the pull number), divided by n
+    return rollout(bandit, tasks, lambda obs, t: policy((obs[..., :k] * n).round(), (obs[..., k:2 * k] * n).round(),
+                                                        t), rollouts, env_g)
 
 
 def compare(bandit: BernoulliBandit, tasks: Tasks, rollouts: int, policies=None, seed: int = 0) -> Dict[str, tuple]:

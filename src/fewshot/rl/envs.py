@@ -6,8 +6,10 @@ rollouts) axis pair: one Python step of :func:`rollout` advances every rollout o
 there is no Python loop per environment step per task.
 
 - :class:`BernoulliBandit` (``bandit:k=5,n=100``): ``k`` arms with success probabilities ``p ~ U(0, 1)``
-  per task, ``n`` pulls per episode (the RL^2 / pytorch-maml-rl setting). The observation is the constant
-  1 (a bandit has no state); the action is an arm index; the reward is a Bernoulli(p_arm) draw.
+  per task, ``n`` pulls per episode (the RL^2 / pytorch-maml-rl setting). The observation is what the
+  episode has shown so far, its sufficient statistics: each arm's successes and failures and the pull
+  number, all divided by ``n`` (so a policy can learn within the episode, as the classical bandit policies
+  do); the action is an arm index; the reward is a Bernoulli(p_arm) draw.
 - :class:`Navigation2D` (``navigation2d``): the MAML paper's point robot. Goal ``~ U[-0.5, 0.5]^2``, start
   at the origin, action = velocity clipped to ``[-0.1, 0.1]`` per coordinate, reward ``-||x' - goal||``
   after the move, at most 100 steps; an episode ends once the robot is within 0.01 (Euclidean) of the
@@ -91,7 +93,6 @@ class BernoulliBandit(TaskSource):
     """``k``-armed Bernoulli bandit, ``n`` pulls per episode, arm probabilities ``U(0, 1)`` per task."""
 
     name = "bandit"
-    obs_dim = 1
 
     def __init__(self, k: int = 5, n: int = 100):
         if int(k) < 2:
@@ -100,19 +101,29 @@ class BernoulliBandit(TaskSource):
             raise FewshotError(f"a bandit episode needs at least 1 pull, got n={n}")
         self.k, self.n = int(k), int(n)
         self.n_actions, self.horizon = self.k, self.n
+        self.obs_dim = 2 * self.k + 1
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> Tasks:
         return {"p": torch.rand(n, self.k, generator=generator, device=generator.device)}
 
+    def _obs(self, s: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        t = (s + f).sum(-1, keepdim=True)
+        return torch.cat([s, f, t], -1) / self.n
+
     def reset(self, tasks: Tasks, rollouts: int) -> tuple:
         p = tasks["p"]
-        return None, p.new_ones(p.shape[0], rollouts, 1)
+        s = p.new_zeros(p.shape[0], rollouts, self.k)
+        return (s, s.clone()), self._obs(s, s)
 
     def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
+        """Pull ``action`` ``[B, R]``; the state is each rollout's successes and failures per arm."""
         p = tasks["p"]
         pa = p.gather(1, action.long()).to(p.dtype)           # [B, R]
         reward = (torch.rand(pa.shape, generator=generator, device=p.device) < pa).to(p.dtype)
-        return None, p.new_ones(*action.shape, 1), reward, torch.zeros_like(reward, dtype=torch.bool)
+        s, f = state
+        arm = torch.nn.functional.one_hot(action.long(), self.k).to(p.dtype)
+        s, f = s + arm * reward.unsqueeze(-1), f + arm * (1 - reward).unsqueeze(-1)
+        return (s, f), self._obs(s, f), reward, torch.zeros_like(reward, dtype=torch.bool)
 
     def optimal_return(self, tasks: Tasks) -> torch.Tensor:
         return self.n * tasks["p"].max(1).values
