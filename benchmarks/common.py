@@ -1,11 +1,13 @@
 """Shared helpers for the benchmark scripts: where the data and the peers live, a table printer."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import os
 import platform
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -18,6 +20,26 @@ ANCHORS = SHARED / "anchors"
 PEERS_PYTHON = Path(os.environ.get("PEERS_VENV", Path.home() / ".venv-peers")) / "bin" / "python"
 TEST_ALPHABETS = ["Korean", "Tagalog"]
 
+#: ``--isa`` choices: environment variables that make ATen's kernels, oneDNN's convolutions and MKL's BLAS use
+#: at most that instruction set, to measure an older CPU's code paths on a newer one (e.g. AVX2-only on an
+#: AMX part). A benchmark re-executes itself with them, so every process it starts, peers included, has them.
+ISA_ENV = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "avx512": {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "AVX512_CORE",
+               "MKL_ENABLE_INSTRUCTIONS": "AVX512"},
+}
+
+
+def use_isa(isa: str) -> None:
+    """Run this script under ``ISA_ENV[isa]``: re-execute it with those variables unless they are already set
+    (they must be in place before the libraries start; a child process inherits them)."""
+    env = ISA_ENV[isa]
+    if all(os.environ.get(k) == v for k, v in env.items()):
+        return
+    sys.stdout.flush()
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **env})
+
 
 def machine() -> str:
     cpu = platform.processor() or "cpu"
@@ -28,8 +50,12 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"{datetime.date.today().isoformat()}")
+    from fewshot.precision import cpu_hardware_tier, cpu_isa
+    isa, hw = cpu_isa(), cpu_hardware_tier()
+    emulated = " ".join(f"{k}={os.environ[k]}" for k in ISA_ENV["avx2"] if k in os.environ)
+    isa = f"ISA {isa}" + (f" (hardware {hw}; {emulated})" if isa != hw or emulated else "")
+    return (f"{os.cpu_count()} cores ({cpu}), {isa}, torch {torch.__version__}, {torch.get_num_threads()} "
+            f"threads, {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
 
 
 def table(rows: list, headers: list) -> str:
@@ -162,3 +188,32 @@ class RowResults:
         pos = {k: i for i, k in enumerate(order)}
         last = {r["key"]: r for r in self.rows() if keys is None or r["key"] in keys}
         return sorted(last.values(), key=lambda r: pos.get(r["key"], len(pos)))
+
+
+def add_row_options(ap, out: str, jobs: int = 2, threads: int = 1) -> None:
+    """The options every row-process benchmark takes (see :func:`drive_rows`)."""
+    ap.add_argument("--jobs", type=int, default=jobs, help="row processes at a time")
+    ap.add_argument("--threads", type=int, default=threads, help="torch threads per row process")
+    ap.add_argument("--out", default=out, help="run directories and row logs")
+    ap.add_argument("--results", default=None, help="JSON-lines row file (default: OUT/rows.jsonl)")
+    ap.add_argument("--fresh", action="store_true", help="rerun the selected rows")
+    ap.add_argument("--row", help=argparse.SUPPRESS)
+
+
+def drive_rows(script: str, a, keys: list, run_row, forward: list):
+    """Run a row benchmark: in a row process (``--row KEY``) train and score that row and append it;
+    otherwise start ``python SCRIPT --row KEY FORWARD...`` for each pending key (``--jobs`` at a time) and
+    return ``(results, failed keys)`` for the table; ``None`` in a row process."""
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = RowResults(Path(a.results) if a.results else out / "rows.jsonl")
+    if a.row:
+        results.append(run_row(a.row, a))
+        return None
+    if a.fresh:
+        results.forget(keys)
+    print(f"# {machine()}", flush=True)
+    failed = run_row_processes(script, results.pending(keys), [
+        *forward, "--threads", str(a.threads), "--out", str(out), "--results", str(results.path)],
+        out, a.jobs, a.threads)
+    return results, failed

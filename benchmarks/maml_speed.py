@@ -13,7 +13,11 @@ Tagalog) with rotations. Every configuration runs in its own process so its peak
   control with the glibc ``malloc`` settings fewshot's CPU task loop applies to itself
   (``fewshot.parallel.tune_allocator``; the ``-glibc`` configurations of ours run without them).
 
+``--isa avx2`` runs every process (ours and learn2learn's) with ATen, oneDNN and MKL held to AVX2
+(``common.ISA_ENV``): an AVX2-only CPU's code paths on a newer part.
+
 usage: python benchmarks/maml_speed.py [--iters 6] [--repeats 3] [--configs loop-auto-2nd,...] [--no-peer]
+       [--isa native|avx2]
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from common import ANCHORS, OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, machine, table
+from common import ANCHORS, ISA_ENV, OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, machine, table, use_isa
 
 from fewshot.parallel import MALLOC_ENV     # tune_allocator's settings as glibc environment variables
 
@@ -40,6 +44,12 @@ CONFIGS = {
     "loop-auto-1st": ("loop", True, "auto", "auto", 0, 0, True),
     "loop-auto-2nd-glibc": ("loop", False, "auto", "auto", 0, 0, False),
     "loop-auto-1st-glibc": ("loop", True, "auto", "auto", 0, 0, False),
+    "loop-fp32-cl-2nd": ("loop", False, "fp32", True, 0, 0, True),
+    "loop-fp32-cl-1st": ("loop", True, "fp32", True, 0, 0, True),
+    "loop-fp32-2nd": ("loop", False, "fp32", False, 0, 0, True),
+    "loop-fp32-1st": ("loop", True, "fp32", False, 0, 0, True),
+    "loop-bf16-cl-2nd": ("loop", False, "bf16", True, 0, 0, True),
+    "loop-bf16-cl-1st": ("loop", True, "bf16", True, 0, 0, True),
     "loop1-auto-2nd": ("loop", False, "auto", "auto", 0, 1, True),
     "loop1-auto-1st": ("loop", True, "auto", "auto", 0, 1, True),
     "loop1-fp32-2nd": ("loop", False, "fp32", False, 0, 1, True),
@@ -142,20 +152,29 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3,
                     help="rounds of every configuration, run in turn; the table gives medians (this machine is noisy)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-control", action="store_true", help="skip learn2learn under fewshot's malloc settings")
+    ap.add_argument("--isa", choices=list(ISA_ENV), default="native",
+                    help="instruction set ATen/oneDNN/MKL may use, for every process of the run (peer included)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    use_isa(a.isa)
     if a.worker:
         print(json.dumps(worker(a.worker, a.iters, a.data, a.device)))
         return
     print(f"# MAML Omniglot 5w1s15q, meta-batch 32, 1 inner step (lr 0.4), Conv-4 64ch + BN; {machine()}; "
           f"median of {a.repeats} rounds")
     names = [n for n in a.configs.split(",") if n]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        ap.error(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     runs: dict = {}          # (order, key) -> one result per round; key: "peer", "control" or a config name
     for _ in range(a.repeats):
         for order in ("second", "first"):
             if not a.no_peer and a.device == "cpu":
                 runs.setdefault((order, "peer"), []).append(run_peer(a.iters, order == "first"))
-                runs.setdefault((order, "control"), []).append(run_peer(a.iters, order == "first", tuned=True))
+                if not a.no_control:
+                    runs.setdefault((order, "control"), []).append(
+                        run_peer(a.iters, order == "first", tuned=True))
             for n in names:
                 if CONFIGS[n][1] == (order == "first"):
                     runs.setdefault((order, n), []).append(run_ours(n, a.iters, a.data, a.device))

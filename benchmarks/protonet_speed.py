@@ -4,7 +4,11 @@ Measures, in one process and one run: the episode sampler alone, our training st
 layout / precision, and (when ../shared/anchors' peer venv exists) easyfsl 1.5.0's PrototypicalNetworks
 on the same Conv-4 and episode shape, so the speed claim is a ratio from the same machine and run.
 
-usage: python benchmarks/protonet_speed.py [--steps 40] [--peer-episodes 200]
+``--isa avx2`` runs the whole measurement, the peer included, with ATen, oneDNN and MKL held to AVX2
+(``common.ISA_ENV``): an AVX2-only CPU's code paths on a newer part.
+
+usage: python benchmarks/protonet_speed.py [--steps 40] [--peer-episodes 200] [--isa native|avx2] [--no-peer]
+       [--precisions fp32,bf16]
 """
 from __future__ import annotations
 
@@ -13,11 +17,11 @@ import time
 
 import torch
 
-from common import OMNIGLOT, TEST_ALPHABETS, machine, peer_protonet_train_speed, table
+from common import ISA_ENV, OMNIGLOT, TEST_ALPHABETS, machine, peer_protonet_train_speed, table, use_isa
 
 import fewshot as fs
 from fewshot.models import set_channels_last
-from fewshot.precision import autocast
+from fewshot.precision import autocast, resolve_channels_last, resolve_precision
 
 
 def sampler_speed(train, n: int = 3000) -> float:
@@ -54,7 +58,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--peer-episodes", type=int, default=200, help="must be a multiple of 200")
     ap.add_argument("--data", default=str(OMNIGLOT))
+    ap.add_argument("--isa", choices=list(ISA_ENV), default="native",
+                    help="instruction set ATen/oneDNN/MKL may use, for every process of the run (peer included)")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--precisions", default="fp32,bf16",
+                    help="precisions to time (bf16 without bf16 units takes minutes a step: leave it out there)")
     a = ap.parse_args()
+    use_isa(a.isa)
     data = fs.data.omniglot(a.data, split="small")
     train, _ = data.split_by_group(TEST_ALPHABETS)
     train = train.with_rotations()
@@ -63,16 +73,18 @@ def main() -> None:
     sps = sampler_speed(train)
     rows.append(["sampler only (60w5s5q, uint8 -> fp32)", f"{sps:.0f}", "", ""])
     print(f"sampler: {sps:.0f} episodes/s", flush=True)
-    peer = peer_protonet_train_speed(a.peer_episodes)
+    peer = None if a.no_peer else peer_protonet_train_speed(a.peer_episodes)
     if peer is not None:
         rows.append([f"easyfsl 1.5.0 PrototypicalNetworks, fp32 ({a.peer_episodes} episodes)", f"{peer:.2f}",
                      "1.00x", "peer, same run"])
         print(f"peer easyfsl: {peer:.2f} episodes/s", flush=True)
-    for prec, cl in (("fp32", False), ("fp32", True), ("bf16", False), ("bf16", True)):
+    cpu = torch.device("cpu")
+    auto = (resolve_precision("auto", cpu), resolve_channels_last("auto", cpu))
+    for prec, cl in [(p, c) for p in a.precisions.split(",") for c in (False, True)]:
         v = train_speed(train, prec, cl, a.steps)
         ratio = f"{v / peer:.2f}x" if peer else "n/a"
         rows.append([f"fewshot protonet, {prec}, {'channels-last' if cl else 'NCHW'}", f"{v:.2f}", ratio,
-                     "default on AMX CPUs" if (prec, cl) == ("bf16", True) else ""])
+                     "auto on this CPU" if (prec, cl) == auto else ""])
         print(f"ours {prec} cl={cl}: {v:.2f} episodes/s", flush=True)
     print()
     print(table(rows, ["what (Conv-4, 60-way 5-shot 5-query, Omniglot 28x28)", "episodes/s", "vs easyfsl",

@@ -1,6 +1,7 @@
 """Backbones: Conv-4 shapes, and its pool-before-ReLU ordering equals the textbook conv-BN-ReLU-pool."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -76,7 +77,8 @@ def test_precision_and_layout_resolution() -> None:
     from fewshot.errors import FewshotError
     from fewshot.precision import resolve_channels_last, resolve_precision
     cpu = torch.device("cpu")
-    assert resolve_channels_last("auto", cpu) is True
+    from fewshot.precision import auto_cpu_choice
+    assert resolve_channels_last("auto", cpu) is auto_cpu_choice()[1]     # the rule: tests/test_cpu_rules.py
     assert resolve_channels_last("false", cpu) is False and resolve_channels_last("True", cpu) is True
     assert resolve_channels_last(False, cpu) is False
     with pytest.raises(FewshotError, match="channels_last"):
@@ -114,3 +116,63 @@ def test_batch_norm_twice_matches_the_fused_kernel_to_second_order() -> None:
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), F.batch_norm(x.float(), None, None, w, b, True, 0.0, 1e-5),
                                rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_norm_pool_matches_batch_norm_then_pool(channels_last: bool) -> None:
+    """Conv4 in training computes batch norm + max-pool pool-first (models.norm_pool): in float64 the same
+    outputs, input and weight gradients and running statistics as BatchNorm2d then MaxPool2d (the plain
+    Sequential), with some batch-norm weights negative (their channels pool the minima) and an odd-sized map
+    (7x7 -> 3x3); bf16 activations (autocast) keep the plain path."""
+    import copy
+    from fewshot.models import norm_pool_applies
+    torch.manual_seed(0)
+    net = Conv4(1, 6).double()
+    with torch.no_grad():
+        for i in (1, 5):
+            net.features[i].weight[:3] *= -0.5
+    set_channels_last(net, channels_last)
+    ref = copy.deepcopy(net)
+    x = torch.randn(5, 1, 28, 28, dtype=torch.float64)
+    xa, xb = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out = net(xa)
+    expect = ref.features(xb.contiguous(memory_format=torch.channels_last) if channels_last else xb).flatten(1)
+    g = torch.randn_like(out)
+    out.backward(g)
+    expect.backward(g)
+    torch.testing.assert_close(out, expect, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(xa.grad, xb.grad, rtol=1e-9, atol=1e-12)
+    for (n, p), q in zip(net.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-10, msg=n)
+    for (n, b), c in zip(net.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-12, msg=n)
+    assert int(net.features[1].num_batches_tracked) == 1
+    assert not norm_pool_applies(torch.zeros(2, 3, 4, 4, dtype=torch.bfloat16), torch.ones(3))
+
+
+@pytest.mark.parametrize("bn", ["transductive", "running"])
+def test_meta_norm_pooled_matches_the_plain_pass(bn: str) -> None:
+    """MetaNorm.pooled (the meta networks' batch norm + pool, pool-first when differentiated once) gives the
+    plain pass's outputs, gradients and per-step statistics in float64."""
+    from fewshot.models.meta import MetaNorm
+    torch.manual_seed(1)
+    norm = MetaNorm(4, bn, steps=1).double()
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.5, -0.7, 0.3, -2.0]))
+    x = torch.randn(6, 4, 10, 10, dtype=torch.float64)
+    results = []
+    for twice in (False, True):          # twice: the plain path (batch_norm_twice)
+        xi = x.clone().requires_grad_(True)
+        stats: list = []
+        y = norm.pooled(xi, 0, stats, twice)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view_as(y).sin()).sum().backward()
+        results.append((y.detach(), xi.grad, norm.weight.grad.clone(), norm.bias.grad.clone(), stats))
+        norm.zero_grad()
+    (y0, gx0, gw0, gb0, s0), (y1, gx1, gw1, gb1, s1) = results
+    torch.testing.assert_close(y0, y1, rtol=1e-10, atol=1e-12)
+    for a, b in ((gx0, gx1), (gw0, gw1), (gb0, gb1)):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert len(s0) == len(s1) == (1 if bn == "running" else 0)
+    for (m0, v0), (m1, v1) in zip(s0, s1):
+        torch.testing.assert_close(m0, m1.to(m0.dtype), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(v0, v1.to(v0.dtype), rtol=1e-6, atol=1e-7)

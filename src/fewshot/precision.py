@@ -22,27 +22,93 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
+#: CPU instruction-set tiers that decide ``auto`` precision and layout, slowest first
+ISA_TIERS = ("baseline", "avx2", "avx512", "avx512_bf16", "amx")
+
+# the highest tier each cap of an emulation variable allows (oneDNN's ONEDNN_MAX_CPU_ISA, MKL's
+# MKL_ENABLE_INSTRUCTIONS, ATen's capability as torch.backends.cpu.get_cpu_capability() reports it)
+_ONEDNN_CAPS = {"sse41": "baseline", "avx": "baseline", "avx2": "avx2", "avx2_vnni": "avx2", "avx2_vnni_2": "avx2",
+                "avx512_core": "avx512", "avx512_core_vnni": "avx512", "avx512_core_bf16": "avx512_bf16",
+                "avx512_core_fp16": "avx512_bf16", "avx10_1_512": "avx512_bf16"}
+_MKL_CAPS = {"sse4_2": "baseline", "avx": "baseline", "avx2": "avx2", "avx2_e1": "avx2"}
+_ATEN_CAPS = {"default": "baseline", "no avx": "baseline", "avx2": "avx2"}
+
+
+def cpu_hardware_tier(flags: set | None = None) -> str:
+    """The best of :data:`ISA_TIERS` this CPU has, from its feature flags (what the silicon offers):
+    ``/proc/cpuinfo``'s, or torch's CPU probes where there is none; ``flags`` replaces them (tests)."""
+    checks = [("amx", "_is_amx_tile_supported", ("amx_bf16", "amx_tile")),
+              ("avx512_bf16", "_is_avx512_bf16_supported", ("avx512_bf16",)),
+              ("avx512", "_is_avx512_supported", ("avx512f", "avx512bw", "avx512vl", "avx512dq")),
+              ("avx2", "_is_avx2_supported", ("avx2", "fma"))]
+    if flags is None:
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = set(next((l for l in f if l.startswith("flags")), "").split())
+        except OSError:
+            flags = set()
+    for tier, probe, needed in checks:
+        if flags:
+            if all(n in flags for n in needed):
+                return tier
+            continue
+        try:
+            if getattr(torch.cpu, probe)():
+                return tier
+        except (AttributeError, RuntimeError):
+            pass
+    return "baseline"
+
+
+def cpu_isa(hardware: str | None = None, environ=None, aten: str | None = None) -> str:
+    """The instruction-set tier (of :data:`ISA_TIERS`) this process really computes with: the hardware's,
+    capped by what ATen (``ATEN_CPU_CAPABILITY``), oneDNN (``ONEDNN_MAX_CPU_ISA``) and MKL
+    (``MKL_ENABLE_INSTRUCTIONS``) are told to use. So a run with those variables set to AVX2 on an AMX part
+    resolves ``auto`` exactly as an AVX2-only CPU would. (The arguments replace the hardware tier, the
+    environment and ATen's reported capability, for tests.)"""
+    import os
+    env = os.environ if environ is None else environ
+    tier = cpu_hardware_tier() if hardware is None else hardware
+    if aten is None:
+        aten = torch.backends.cpu.get_cpu_capability()
+    caps = [_ATEN_CAPS.get(aten.strip().lower()),
+            _ONEDNN_CAPS.get(env.get("ONEDNN_MAX_CPU_ISA", env.get("DNNL_MAX_CPU_ISA", "")).strip().lower()),
+            _MKL_CAPS.get(env.get("MKL_ENABLE_INSTRUCTIONS", "").strip().lower())]
+    rank = min([ISA_TIERS.index(tier)] + [ISA_TIERS.index(c) for c in caps if c])
+    return ISA_TIERS[rank]
+
+
+#: what ``precision: auto`` and ``channels_last: auto`` pick on a CPU of each tier, from measurements of the
+#: Conv-4 protonet step and the MAML task loop (BENCHMARKS.md, "What auto picks"): bf16 autocast only where
+#: oneDNN has bf16 instructions (without them a bf16 convolution is emulated, 15-40x slower than fp32);
+#: channels-last wherever oneDNN's AVX2/AVX-512 kernels run (its NHWC convolutions need no blocked-layout
+#: reorders and its max-pool is faster), NCHW on CPUs without AVX2.
+AUTO_CPU = {
+    "amx": ("bf16", True),
+    "avx512_bf16": ("bf16", True),
+    "avx512": ("fp32", True),
+    "avx2": ("fp32", True),
+    "baseline": ("fp32", False),
+}
+
+
+def auto_cpu_choice(isa: str | None = None) -> tuple:
+    """``(precision, channels_last)`` that ``auto`` resolves to on this CPU (or on a CPU of tier ``isa``)."""
+    return AUTO_CPU[isa or cpu_isa()]
+
+
 def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has native bf16 matrix units (AMX) or AVX-512 bf16 instructions."""
-    try:
-        if torch.cpu._is_amx_tile_supported():  # type: ignore[attr-defined]
-            return True
-    except AttributeError:
-        pass
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        return False
+    """True when this process computes with native bf16 matrix units (AMX) or AVX-512 bf16 instructions."""
+    return ISA_TIERS.index(cpu_isa()) >= ISA_TIERS.index("avx512_bf16")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """"auto" -> bf16 autocast where the hardware runs it fast (AMX/AVX-512-bf16 CPUs, bf16 GPUs), else fp32."""
+    """"auto" -> bf16 autocast where the hardware runs it fast (bf16 GPUs; CPUs by :data:`AUTO_CPU`: AMX and
+    AVX-512-bf16), else fp32."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if device.type == "cpu" and cpu_has_fast_bf16() else "fp32"
+        return auto_cpu_choice()[0] if device.type == "cpu" else "fp32"
     if precision not in PRECISIONS:
         raise FewshotError(f"unknown precision {precision!r}; choose auto, {', '.join(PRECISIONS)}")
     return precision
@@ -56,11 +122,11 @@ def autocast(device: torch.device, precision: str):
 
 
 def resolve_channels_last(channels_last: str | bool, device: torch.device) -> bool:
-    """"auto" -> channels-last on CPU (oneDNN's fast layout for convolutions), off elsewhere."""
+    """"auto" -> channels-last on CPUs where it measured faster (:data:`AUTO_CPU`: AVX2 and up), off elsewhere."""
     if isinstance(channels_last, str):
         v = channels_last.strip().lower()
         if v == "auto":
-            return device.type == "cpu"
+            return device.type == "cpu" and auto_cpu_choice()[1]
         if v in ("1", "true", "yes", "on"):
             return True
         if v in ("0", "false", "no", "off"):

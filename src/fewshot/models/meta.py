@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FewshotError
-from . import channels_last_input
+from . import channels_last_input, norm_pool, norm_pool_applies
 
 BN_MODES = ("transductive", "running", "none")
 ACTIVATIONS = {"relu": F.relu, "tanh": torch.tanh}
@@ -86,6 +86,18 @@ class MetaNorm(nn.Module):
             w, b = w.to(x.dtype), b.to(x.dtype)
         return F.batch_norm(x, None, None, w, b, True, 0.0, self.eps)
 
+    def pooled(self, x: torch.Tensor, step: int, stats: list, twice: bool = False) -> torch.Tensor:
+        """``F.max_pool2d(self(x, step, stats, twice), 2)``; with batch statistics on fp32/fp64 inputs computed
+        pool-first by :func:`fewshot.models.norm_pool` (same values and gradients, fewer full-resolution
+        passes), except on a pass that will be differentiated twice."""
+        if twice or (self.mode == "running" and not self.training) or not norm_pool_applies(x, self.weight):
+            return F.max_pool2d(self(x, step, stats, twice), 2)
+        n = x.numel() // x.shape[1]
+        y, mean, var = norm_pool(x, self.weight, self.bias, self.eps)
+        if self.mode == "running":
+            stats.append((mean.float(), (var * (n / max(n - 1, 1))).float()))
+        return y
+
     def update(self, step: int, mean: torch.Tensor, var: torch.Tensor) -> None:
         """Fold batch statistics of ``step`` into the running averages (called outside transforms)."""
         s = min(step, self.running_mean.shape[0] - 1)
@@ -132,12 +144,15 @@ class MetaConv4(nn.Module):
         last = len(self.convs) - 1
         for i, conv in enumerate(self.convs):
             x = conv(x)
+            # max-pool before ReLU: identical to ReLU then pool (max commutes with a monotone map)
+            if self.norms is not None and (context is None or i != last):
+                x = F.relu(self.norms[i].pooled(x, step, stats, twice))
+                continue
             if self.norms is not None:
                 x = self.norms[i](x, step, stats, twice)
             if context is not None and i == last:
                 gamma, beta = self.film(context).to(x.dtype).chunk(2, -1)
                 x = x * (1 + gamma.view(1, -1, 1, 1)) + beta.view(1, -1, 1, 1)
-            # max-pool before ReLU: identical to ReLU then pool (max commutes with a monotone map)
             x = F.relu(F.max_pool2d(x, 2))
         return self.head(x.flatten(1)), stats
 
