@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from common import ROOT, RowResults, machine, run_row_processes, table
+from common import ROOT, add_row_options, drive_rows, table
 
 ROWS = {   # key: (label, method, options)
     "mil": ("MIL: MAML, behaviour-cloning loss, 1 step", "maml", {}),
@@ -48,32 +48,19 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--tasks", type=int, default=1000)
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="/tmp/fewshot-imitation")
-    ap.add_argument("--results", default=None)
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--row", help=argparse.SUPPRESS)
+    add_row_options(ap, out="/tmp/fewshot-imitation")
     a = ap.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = RowResults(Path(a.results) if a.results else out / "rows.jsonl")
-    if a.row:
-        results.append(run_row(a.row, a))
-        return
     keys = a.rows.split(",")
-    if a.fresh:
-        results.forget(keys)
-    print(f"# {machine()}", flush=True)
-    failed = run_row_processes(__file__, results.pending(keys), [
-        "--minutes", str(a.minutes), "--tasks", str(a.tasks), "--threads", str(a.threads), "--out", a.out,
-        "--results", str(results.path)], out, a.jobs, a.threads)
+    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--tasks", str(a.tasks)])
+    if driven is None:
+        return
+    results, failed = driven
     rows = [[r["label"], f"{r['steps']} in {r['train_s'] / 60:.1f} min (best at {r['best_step']})",
              f"{r['success'][0]:.1f} ± {r['success'][1]:.1f}"] for r in results.latest(keys)]
     print(f"\n# 2-D reaching, one demonstration, closed-loop success on {a.tasks} held-out tasks (% ± 95% CI)")
     print(table(rows, ["policy", "training steps", "success %"]))
     if failed:
-        print(f"rows that failed: {', '.join(failed)} (see {out}/<row>.log)")
+        print(f"rows that failed: {', '.join(failed)} (see {a.out}/<row>.log)")
         sys.exit(1)
 
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, RowResults, machine, run_row_processes, table
+from common import ROOT, add_row_options, drive_rows, table
 
 STEPS = (0, 1, 2, 3)
 ROWS = {   # key: (label, method, options)
@@ -73,26 +73,13 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=15)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--goals", type=int, default=100)
-    ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default="/tmp/fewshot-rl-navigation")
-    ap.add_argument("--results", default=None)
-    ap.add_argument("--fresh", action="store_true")
-    ap.add_argument("--row", help=argparse.SUPPRESS)
+    add_row_options(ap, out="/tmp/fewshot-rl-navigation")
     a = ap.parse_args()
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = RowResults(Path(a.results) if a.results else out / "rows.jsonl")
-    if a.row:
-        results.append(run_row(a.row, a))
-        return
     keys = a.rows.split(",")
-    if a.fresh:
-        results.forget(keys)
-    print(f"# {machine()}", flush=True)
-    failed = run_row_processes(__file__, results.pending(keys), [
-        "--minutes", str(a.minutes), "--goals", str(a.goals), "--threads", str(a.threads), "--out", a.out,
-        "--results", str(results.path)], out, a.jobs, a.threads)
+    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--goals", str(a.goals)])
+    if driven is None:
+        return
+    results, failed = driven
     rows = []
     for r in results.latest(keys):
         rows.append([r["label"], f"{r['steps']} in {r['train_s'] / 60:.1f} min",
@@ -102,7 +89,7 @@ def main() -> None:
           "per step; mean ± 95% CI over goals)")
     print(table(rows, ["policy", "meta-steps", *(f"K = {k}" for k in STEPS)]))
     if failed:
-        print(f"rows that failed: {', '.join(failed)} (see {out}/<row>.log)")
+        print(f"rows that failed: {', '.join(failed)} (see {a.out}/<row>.log)")
         sys.exit(1)
 
 

@@ -29,6 +29,7 @@ from torch.func import vmap
 
 from ..episodes import Episode
 from ..errors import FewshotError
+from ..tasks.base import EnvTaskFamily
 from .envs import TaskSource, Trajectories, rollout
 from .pg import advantages, pack_targets, sample_action
 
@@ -37,11 +38,6 @@ Params = Dict[str, torch.Tensor]
 
 def is_rl(episode: Episode) -> bool:
     return isinstance(episode.extra.get("env"), TaskSource)
-
-
-def task_params(episode: Episode) -> dict:
-    """The task parameters an RL episode carries (``extra["task:NAME"]`` -> ``{NAME: tensor}``)."""
-    return {k[5:]: v for k, v in episode.extra.items() if k.startswith("task:")}
 
 
 def loss_kind(env: TaskSource) -> str:
@@ -119,7 +115,7 @@ def adaptation_rollouts(method, env: TaskSource, tasks: dict, steps: int, rollou
 def rollout_episode(method, episode: Episode) -> Episode:
     """The examples behind one meta-training step of an RL episode (see the module docstring): support =
     the inner rollouts (a step axis when ``inner_steps`` > 1), query = rollouts after adaptation."""
-    env, tasks, g = episode.extra["env"], task_params(episode), episode.extra["generator"]
+    env, tasks, g = episode.extra["env"], EnvTaskFamily.task_params(episode), episode.extra["generator"]
     c = method.config
     trajs, sx, sy = adaptation_rollouts(method, env, tasks, c.inner_steps, episode.shots, g, c.discount,
                                         last_rollouts=episode.queries)
@@ -136,8 +132,9 @@ def adapted_returns(method, episode: Episode, steps: Optional[int] = None) -> to
     (default ``test_steps``, else ``inner_steps``), each step on ``episode.shots`` fresh rollouts."""
     c = method.config
     steps = (c.test_steps or c.inner_steps) if steps is None else steps
-    trajs, _, _ = adaptation_rollouts(method, episode.extra["env"], task_params(episode), steps, episode.shots,
-                                      episode.extra["generator"], c.discount, last_rollouts=episode.queries)
+    trajs, _, _ = adaptation_rollouts(method, episode.extra["env"], EnvTaskFamily.task_params(episode), steps,
+                                      episode.shots, episode.extra["generator"], c.discount,
+                                      last_rollouts=episode.queries)
     return trajs[-1].returns.mean(1)
 
 

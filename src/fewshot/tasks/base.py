@@ -46,3 +46,33 @@ class TaskFamily(abc.ABC):
     def __iter__(self) -> Iterator[Episode]:
         while True:
             yield self.sample()
+
+
+class EnvTaskFamily(TaskFamily):
+    """A family whose tasks are parameters of an environment (:class:`fewshot.rl.envs.TaskSource`), named by
+    a ``--data`` spec such as ``navigation2d`` or ``bandit:k=5,n=100``; episodes carry the parameters as
+    ``extra["task:NAME"]`` tensors. Subclasses say how a batch is drawn (``sample``) and scored
+    (``evaluate_episode``)."""
+
+    regression = False
+    higher_is_better = True
+
+    def __init__(self, shots: int, queries: int, batch: int = 1, device="cpu", seed: int = 0,
+                 ways: Optional[int] = None, env: str = ""):
+        super().__init__(shots, queries, batch, device, seed)
+        if ways not in (None, 0):
+            raise FewshotError(f"{self.name} task families have no ways; got --ways {ways}")
+        from ..rl.envs import make_source
+        self.ways = 0
+        self.spec = env
+        self.env = make_source(env)
+        self.in_shape = (self.env.obs_dim,)
+
+    @classmethod
+    def from_spec(cls, spec: str, **kw) -> "EnvTaskFamily":
+        return cls(env=spec, **kw)
+
+    @staticmethod
+    def task_params(episode: Episode) -> dict:
+        """The task parameters an episode carries (``extra["task:NAME"]`` -> ``{NAME: tensor}``)."""
+        return {k[5:]: v for k, v in episode.extra.items() if k.startswith("task:")}

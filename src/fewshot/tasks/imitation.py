@@ -18,32 +18,19 @@ from typing import Optional
 import torch
 
 from ..episodes import Episode
-from ..errors import FewshotError
-from ..rl.envs import make_source, rollout
-from .base import TaskFamily
+from ..rl.envs import rollout
+from .base import EnvTaskFamily
 
 
-class ImitationTasks(TaskFamily):
+class ImitationTasks(EnvTaskFamily):
     name = "reach"
-    regression = True
     metric = "success"
     metric_label = "% success"
-    higher_is_better = True
 
     def __init__(self, shots: int = 1, queries: int = 1, batch: int = 10, device="cpu", seed: int = 0,
                  ways: Optional[int] = None, env: str = "reach"):
-        super().__init__(shots, queries, batch, device, seed)
-        if ways not in (None, 0):
-            raise FewshotError(f"imitation task families have no ways; got --ways {ways}")
-        self.ways = 0
-        self.spec = env
-        self.env = make_source(env)
-        self.in_shape = (self.env.obs_dim,)
+        super().__init__(shots, queries, batch, device, seed, ways, env)
         self.outputs = self.env.action_dim
-
-    @classmethod
-    def from_spec(cls, spec: str, **kw) -> "ImitationTasks":
-        return cls(env=spec, **kw)
 
     def sample(self, batch: Optional[int] = None) -> Episode:
         B, K, Q = batch or self.batch, self.shots, self.queries
@@ -59,7 +46,7 @@ class ImitationTasks(TaskFamily):
     def evaluate_episode(self, method, episode: Episode) -> torch.Tensor:
         """Closed-loop success (in %) of each task ``[B]``: at every step the method predicts the action for
         the current observation from the task's support demonstrations (``method.predict``)."""
-        tasks = {k[5:]: v for k, v in episode.extra.items() if k.startswith("task:")}
+        tasks = self.task_params(episode)
         sx, sy = episode.support_x, episode.support_y
 
         def policy(obs, t):

@@ -12,31 +12,18 @@ from typing import Optional
 
 from ..episodes import Episode
 from ..errors import FewshotError
-from ..rl.envs import make_source
-from .base import TaskFamily
+from .base import EnvTaskFamily
 
 
-class RLTasks(TaskFamily):
+class RLTasks(EnvTaskFamily):
     name = "rl"
-    regression = False
     metric = "return"
     metric_label = "return"
-    higher_is_better = True
 
     def __init__(self, shots: int = 20, queries: int = 20, batch: int = 20, device="cpu", seed: int = 0,
                  ways: Optional[int] = None, env: str = "navigation2d"):
-        super().__init__(shots, queries, batch, device, seed)
-        if ways not in (None, 0):
-            raise FewshotError(f"RL task families have no ways; got --ways {ways}")
-        self.ways = 0
-        self.spec = env
-        self.env = make_source(env)
-        self.in_shape = (self.env.obs_dim,)
+        super().__init__(shots, queries, batch, device, seed, ways, env)
         self.outputs = self.env.n_actions if self.env.discrete else 2 * self.env.action_dim
-
-    @classmethod
-    def from_spec(cls, spec: str, **kw) -> "RLTasks":
-        return cls(env=spec, **kw)
 
     def sample(self, batch: Optional[int] = None) -> Episode:
         B = batch or self.batch
