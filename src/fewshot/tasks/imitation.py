@@ -1,4 +1,5 @@
-"""Meta-imitation task families: ``--data reach`` (one-shot imitation of 2-D reaching, Finn et al. 2017b).
+"""Meta-imitation task families: ``--data reach`` (one-shot imitation of 2-D reaching, Finn et al. 2017b), and
+:class:`StrokeTasks` (one-shot imitation of human handwriting from Omniglot's pen strokes, Python API).
 
 A task's examples are expert demonstrations: the support set holds ``shots`` demonstrations (observations
 ``[B, shots*T, O]``, actions ``[B, shots*T, 2]``), the query set ``queries`` other demonstrations of the same
@@ -18,8 +19,9 @@ from typing import Optional
 import torch
 
 from ..episodes import Episode
+from ..errors import FewshotError
 from ..rl.envs import rollout
-from .base import EnvTaskFamily
+from .base import EnvTaskFamily, TaskFamily
 
 
 class ImitationTasks(EnvTaskFamily):
@@ -57,3 +59,71 @@ class ImitationTasks(EnvTaskFamily):
 
     def __repr__(self) -> str:
         return f"ImitationTasks({self.env!r}, {self.shots} + {self.queries} demonstrations, batch {self.batch})"
+
+
+class StrokeTasks(TaskFamily):
+    """One-shot imitation of handwriting: each task is an Omniglot character, each demonstration one drawer's
+    pen trajectory (:func:`fewshot.data.strokes.load_strokes`), a real human demonstration.
+
+    The policy sees the pen position and the time ``[x_t, y_t, t / (T - 1)]`` and outputs the next move
+    ``p_{t+1} - p_t``; the support set holds ``shots`` drawers' demonstrations of a character, the query set
+    ``queries`` other drawers'. :meth:`evaluate_episode` draws the character in closed loop from the first
+    support demonstration's starting point and scores the drawing by its mean time-aligned distance to every
+    other drawer of that character (lower is better; :meth:`copy_baseline` scores the demonstration itself,
+    the nearest-neighbour answer)."""
+
+    name = "strokes"
+    regression = True
+    metric = "distance"
+    metric_label = "mean distance to the other drawers"
+    higher_is_better = False
+    outputs = 2
+
+    def __init__(self, strokes, shots: int = 1, queries: int = 1, batch: int = 10, device="cpu", seed: int = 0,
+                 ways: Optional[int] = None):
+        super().__init__(shots, queries, batch, device, seed)
+        self.ways, self.in_shape = 0, (3,)
+        drawers = min(len(t) for t in strokes.trajectories)
+        if drawers < shots + queries + 1:
+            raise FewshotError(f"a character has {drawers} drawers; {shots} shots + {queries} queries + 1 "
+                               "other drawer to score against are needed")
+        self.drawers = drawers
+        self.data = torch.stack([t[:drawers] for t in strokes.trajectories]).to(self.device)   # [C, D, T, 2]
+        self.points = strokes.points
+
+    def _pairs(self, traj: torch.Tensor) -> tuple:
+        """Demonstrations ``[B, n, T, 2]`` -> observations ``[B, n*(T-1), 3]`` and moves ``[B, n*(T-1), 2]``."""
+        B, n, T, _ = traj.shape
+        t = torch.linspace(0, 1, T, device=traj.device)[:-1].view(1, 1, T - 1, 1).expand(B, n, T - 1, 1)
+        obs = torch.cat([traj[:, :, :-1], t], -1)
+        return obs.reshape(B, n * (T - 1), 3), (traj[:, :, 1:] - traj[:, :, :-1]).reshape(B, n * (T - 1), 2)
+
+    def sample(self, batch: Optional[int] = None) -> Episode:
+        B, K, Q = batch or self.batch, self.shots, self.queries
+        C = self.data.shape[0]
+        chars = torch.randint(C, (B,), generator=self.generator, device=self.device)
+        order = torch.rand(B, self.drawers, generator=self.generator, device=self.device).argsort(1)
+        traj = self.data[chars.unsqueeze(1), order]                              # [B, D, T, 2]
+        sx, sy = self._pairs(traj[:, :K])
+        qx, qy = self._pairs(traj[:, K:K + Q])
+        return Episode(sx, sy, qx, qy, 0, K, Q, classes=chars.unsqueeze(1),
+                       extra={"start": traj[:, 0, 0], "others": traj[:, K:], "demo": traj[:, 0]})
+
+    @torch.no_grad()
+    def evaluate_episode(self, method, episode: Episode) -> torch.Tensor:
+        """Mean distance ``[B]`` of the method's closed-loop drawing to the character's other drawers."""
+        from ..data.strokes import trajectory_distance
+        pos = episode.extra["start"].unsqueeze(1)                               # [B, 1, 2]
+        T = self.points
+        path = [pos]
+        for t in range(T - 1):
+            obs = torch.cat([pos, torch.full_like(pos[..., :1], t / (T - 1))], -1)
+            pos = pos + method.predict(episode.support_x, episode.support_y, obs).float()
+            path.append(pos)
+        drawing = torch.cat(path, 1)                                              # [B, T, 2]
+        return trajectory_distance(drawing.unsqueeze(1), episode.extra["others"]).mean(1)
+
+    def copy_baseline(self, episode: Episode) -> torch.Tensor:
+        """The same score for the first support demonstration itself (nearest neighbour: the only example)."""
+        from ..data.strokes import trajectory_distance
+        return trajectory_distance(episode.extra["demo"].unsqueeze(1), episode.extra["others"]).mean(1)
