@@ -13,6 +13,10 @@ Examples are ordered class by class (label ``n`` occupies rows ``n*K .. n*K+K-1`
 labels are a random draw per task, so label order carries no information. Sampling draws class choices
 and image choices for all tasks at once from one ``torch.Generator`` and gathers with a single indexing
 operation, on the device of the data.
+
+A memory-mapped data set (:mod:`fewshot.data.mapped`) stays in its file: the indices are drawn the same way
+(the same seed gives the same episodes as the in-memory set), then only the episode's images are read from
+the file, moved to the device and converted to floats.
 """
 from __future__ import annotations
 
@@ -80,7 +84,8 @@ class EpisodeSampler:
             classes are never chosen. 0 (default) samples classes from the whole dataset.
         float_cache_bytes: when the data converted to ``dtype`` fits in this many bytes, it is converted
             once up front so an episode is a single gather (the default, 1 GiB, covers Omniglot at 28x28
-            with rotations many times over); larger data is converted per episode.
+            with rotations many times over); larger data is converted per episode. A memory-mapped data set
+            is never moved or converted whole.
         transform: optional callable applied to each episode's image tensors (augmentation), given
             ``(x, generator)`` with ``x`` of shape ``[B, M, C, H, W]``.
         unlabeled: U, unlabelled examples per way added to each task as ``extra["unlabeled_x"]``
@@ -117,13 +122,18 @@ class EpisodeSampler:
             raise FewshotError(f"class {dataset.names[c]!r} has {int(dataset.counts[c])} images but "
                                f"{self.shots} shots + {self.queries} queries{u} = {need} are needed per class "
                                f"({len(small)} class(es) too small)")
-        self.data = dataset.data.to(self.device)
-        self.image_shape = tuple(dataset.data.shape[1:])
-        n_bytes = self.data.numel() * (torch.finfo(dtype).bits // 8 if dtype is not None else 1)
-        self.prescaled = dtype is not None and (n_bytes <= float_cache_bytes or self.data.is_floating_point())
-        if self.prescaled:
-            self.data = to_float(self.data, dtype)
-        self.flat = self.data.view(self.data.shape[0], -1)
+        self.image_shape = dataset.image_shape
+        self.mapped = dataset.memory_mapped
+        if self.mapped:       # read per episode from the file (see _gather)
+            self.data = self.flat = None
+            self.prescaled = False
+        else:
+            self.data = dataset.data.to(self.device)
+            n_bytes = self.data.numel() * (torch.finfo(dtype).bits // 8 if dtype is not None else 1)
+            self.prescaled = dtype is not None and (n_bytes <= float_cache_bytes or self.data.is_floating_point())
+            if self.prescaled:
+                self.data = to_float(self.data, dtype)
+            self.flat = self.data.view(self.data.shape[0], -1)
         self.counts = dataset.counts.to(self.device)
         self.offsets = dataset.offsets.to(self.device)
         self.uniform = bool((dataset.counts == dataset.counts[0]).all())
@@ -177,6 +187,10 @@ class EpisodeSampler:
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Images at ``idx`` ``[B, N, M]`` -> ``[B, N*M, C, H, W]`` in the episode dtype."""
         B = idx.shape[0]
+        if self.mapped:
+            x = self.dataset.take(idx.reshape(-1)).to(self.device)
+            x = to_float(x, self.dtype) if self.dtype is not None else x
+            return x.view(B, -1, *self.image_shape)
         x = self.flat.index_select(0, idx.reshape(-1))
         if self.dtype is not None and not self.prescaled:
             x = to_float(x, self.dtype)
@@ -215,8 +229,9 @@ class EpisodeSampler:
     def __repr__(self) -> str:
         u = f" {self.unlabeled}-unlabelled" if self.unlabeled else ""
         u += f" +{self.distractors} distractors" if self.distractors else ""
+        m = ", memory-mapped" if self.mapped else ""
         return (f"EpisodeSampler({self.ways}-way {self.shots}-shot {self.queries}-query{u}, batch {self.batch}, "
-                f"{len(self.dataset)} classes, seed {self.seed}, device {self.device})")
+                f"{len(self.dataset)} classes{m}, seed {self.seed}, device {self.device})")
 
 
 def episodes(dataset: ClassDataset, ways: int, shots: int, queries: int = 15, batch: int = 1, device="cpu",
