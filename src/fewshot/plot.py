@@ -145,7 +145,7 @@ def sine_adaptation(run, out: Path, shots: int = 10, tasks_shown: int = 3, seed:
     from . import tasks
     from .run import FAMILY_SEEDS
     method = run.method
-    if not hasattr(method, "adapt_predict"):
+    if not method.adapts_by_gradient:
         from .errors import FewshotError
         raise FewshotError(f"method {method.name} does not adapt by gradient steps; nothing to plot for sine")
     fam = tasks.make("sine", shots, 1, batch=tasks_shown, device=run.device, seed=FAMILY_SEEDS["test"] + seed)
@@ -221,7 +221,7 @@ def navigation_trajectories(run, out: Path, data: Optional[str] = None, goals: i
     from .rl.meta import adaptation_rollouts
     from .run import FAMILY_SEEDS
     method = run.method
-    if not hasattr(method, "adapted_params"):
+    if not method.adapts_by_gradient:
         raise FewshotError(f"method {method.name} does not adapt by gradient steps; nothing to plot")
     fam = tasks.make(data or run.config.data, run.config.shots, 1, device=run.device,
                      seed=FAMILY_SEEDS["test"] + seed)
@@ -259,7 +259,7 @@ def navigation_trajectories(run, out: Path, data: Optional[str] = None, goals: i
 FAMILY_FIGURES = {
     "sine": ("sine_adaptation.png", lambda run, out, data: sine_adaptation(run, out, shots=run.config.shots)),
     "copy": ("copy_task.png", lambda run, out, data: copy_task_figure(run, out, data=data)
-             if hasattr(run.method, "sequence_logits") else None),
+             if run.method.labels_sequences else None),
     "navigation2d": ("navigation_trajectories.png",
                      lambda run, out, data: navigation_trajectories(run, out, data=data)),
 }

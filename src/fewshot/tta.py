@@ -46,7 +46,7 @@ class TestTimeAugment(nn.Module):
 
     @property
     def inference_mode(self) -> str:
-        return getattr(self.method, "inference_mode", "inductive")
+        return self.method.inference_mode
 
     def reset(self) -> None:
         """Restart the copies' random stream from the seed given at construction."""

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Sequence
+import importlib
+import pkgutil
+from typing import Any, Sequence
 
 from ..errors import FewshotError
-from .base import Method
+from .base import Method, building
 
 _REGISTRY: dict = {}
 
@@ -42,10 +44,29 @@ def make_config(name: str, options: dict | None = None):
     return cls.Config(**options)
 
 
-def build(name: str, in_shape: Sequence[int], **options) -> Method:
-    """Build a registered method for inputs of shape ``in_shape`` (C, H, W) or (D,)."""
+def build(name: str, in_shape: Sequence[int], backbone: Any = None, load_pretrained: bool = True,
+          **options) -> Method:
+    """Build a registered method for inputs of shape ``in_shape`` (C, H, W) or (D,).
+
+    ``backbone``: the network of a method that has one (its ``backbone`` option): a name or spec string
+    (as ``--backbone``), an ``nn.Module`` (used as it is, not copied; a gradient-based method's module is
+    the whole network, head included) or a callable returning one (called with whichever of ``in_shape``
+    and ``outputs`` it accepts). A module or callable cannot live in a config: the config records
+    ``package.module:qualname`` for an importable callable and ``instance of package.module.Class`` for a
+    module, and a run trained with a module is reloaded with ``fewshot.load_run(path, backbone=module)``.
+    ``load_pretrained=False`` skips the ``pretrained`` file (a checkpoint's weights follow)."""
     cls = get(name)
-    return cls(make_config(name, options), in_shape)
+    given = None
+    if backbone is not None:
+        if "backbone" not in {f.name for f in fields(cls.Config)}:
+            raise FewshotError(f"method {name!r} builds its own networks; it takes no backbone")
+        if isinstance(backbone, str):
+            options["backbone"] = backbone
+        else:
+            given = backbone
+    config = make_config(name, options)
+    with building(given, load_pretrained):
+        return cls(config, in_shape)
 
 
 def describe(name: str) -> str:
@@ -53,5 +74,12 @@ def describe(name: str) -> str:
     return doc[0] if doc else ""
 
 
-from . import (contextual, gaussian, gbml, hallucinate, mann, matching, metalstm, ntm,  # noqa: E402,F401
-               protonet, relation, semisup, siamese, taskcond)  # (registers methods)
+def _discover() -> None:
+    """Import every module of this package, which registers the methods it defines: a new method is one
+    file here, with no list to update."""
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+_discover()

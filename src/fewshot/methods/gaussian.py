@@ -47,8 +47,9 @@ from torch import nn
 
 from ..errors import FewshotError
 from ..models import Conv4, MLP
+from ..models.backbones import feature_dim
 from . import register
-from .base import Method, accuracy, infer_ways
+from .base import BackboneOptions, Method, accuracy, infer_ways
 
 COVARIANCES = ("radius", "diagonal")
 TRANSFORMS = ("softplus", "sigmoid", "sigmoid4", "learned")
@@ -107,8 +108,10 @@ class GaussianProtoNet(Method):
     """Gaussian prototypical network: precision-weighted prototypes and a class-dependent metric (Fort 2017)."""
 
     @dataclass
-    class Config:
-        backbone: str = "auto"          #: conv4 for images, mlp for vectors
+    class Config(BackboneOptions):
+        #: conv4 for images, mlp for vectors; any other backbone (a name, package.module:factory,
+        #: file.py:factory, timm:NAME) must give embedding + 1 (radius) or 2 x embedding (diagonal) outputs
+        backbone: str = "auto"
         hidden: int = 64                #: channels of the first three conv layers
         embedding: int = 64             #: D: embedding channels of the last conv layer (mlp: output size)
         mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])  #: mlp hidden sizes
@@ -125,22 +128,29 @@ class GaussianProtoNet(Method):
             raise FewshotError(f"embedding must be at least 1, got {config.embedding}")
         self.transform = InverseCovariance(config.transform)
         cov = 1 if config.covariance == "radius" else config.embedding
-        kind = config.backbone
-        if kind == "auto":
-            kind = "conv4" if len(self.in_shape) == 3 else "mlp"
-        if kind == "conv4":
-            if len(self.in_shape) != 3:
-                raise FewshotError(f"conv4 needs image inputs (C, H, W), got shape {self.in_shape}")
-            if min(self.in_shape[1:]) < 16:
-                raise FewshotError(f"conv4 needs images of at least 16x16 pixels, got "
-                                   f"{self.in_shape[1]}x{self.in_shape[2]}")
-            self.backbone = Conv4(self.in_shape[0], config.hidden, out_channels=config.embedding + cov,
-                                  flatten=False, batch_norm=config.batch_norm)
-        elif kind == "mlp":
-            self.backbone = MLP(int(torch.Size(self.in_shape).numel()), tuple(config.mlp_hidden),
-                                config.embedding + cov, batch_norm=config.batch_norm)
-        else:
-            raise FewshotError(f"unknown backbone {config.backbone!r}; choose conv4, mlp or auto")
+        def own(kind):
+            if kind == "auto":
+                kind = "conv4" if len(self.in_shape) == 3 else "mlp"
+            if kind == "conv4":
+                if len(self.in_shape) != 3:
+                    raise FewshotError(f"conv4 needs image inputs (C, H, W), got shape {self.in_shape}")
+                if min(self.in_shape[1:]) < 16:
+                    raise FewshotError(f"conv4 needs images of at least 16x16 pixels, got "
+                                       f"{self.in_shape[1]}x{self.in_shape[2]}")
+                return Conv4(self.in_shape[0], config.hidden, out_channels=config.embedding + cov,
+                             flatten=False, batch_norm=config.batch_norm)
+            if kind == "mlp":
+                return MLP(int(torch.Size(self.in_shape).numel()), tuple(config.mlp_hidden),
+                           config.embedding + cov, batch_norm=config.batch_norm)
+            return None
+        self.backbone = self.make_backbone(own=own)
+        if not isinstance(self.backbone, (Conv4, MLP)):
+            width = feature_dim(self.backbone, self.in_shape)
+            if width != config.embedding + cov:
+                fit = width - 1 if config.covariance == "radius" else width / 2
+                hint = f" (set --embedding {int(fit)})" if fit >= 1 and fit == int(fit) else ""
+                raise FewshotError(f"backbone {config.backbone} gives {width} features; gaussian with covariance "
+                                   f"{config.covariance} needs embedding + {cov} = {config.embedding + cov}{hint}")
 
     # ---- encoder: embedding and inverse covariance
     def encode(self, x: torch.Tensor) -> tuple:

@@ -33,7 +33,7 @@ from torch.func import functional_call, grad, grad_and_value, vmap
 from ..errors import FewshotError
 from ..models.meta import BN_MODES, head_inputs, meta_network
 from . import register
-from .base import Method
+from .base import BackboneOptions, Method
 
 LOSSES = ("auto", "ce", "mse", "bc", "pg", "pg-discrete")
 ADAPT = ("all", "head", "body", "none")
@@ -121,8 +121,11 @@ def _check(value, allowed, what):
 
 # ----------------------------------------------------------------------------------------------- base
 @dataclass
-class GradientConfig:
-    backbone: str = "auto"          #: conv4 for images, mlp for vectors
+class GradientConfig(BackboneOptions):
+    #: the whole network, head included: auto | conv4 | mlp (fewshot's functional nets), any other backbone
+    #: name, package.module:factory, path/to/file.py:factory or timm:NAME (called with in_shape and outputs)
+    backbone: str = "auto"
+    head: str = ""                  #: the head ANIL adapts and BOIL keeps fixed ("": the last nn.Linear)
     hidden: int = 64                #: conv4 channels
     mlp_hidden: List[int] = field(default_factory=lambda: [40, 40])  #: mlp hidden sizes
     activation: str = "relu"        #: mlp activation: relu | tanh
@@ -152,6 +155,9 @@ class GradientMethod(Method):
     Config = GradientConfig
     run_defaults = {"ways": 5, "shots": 1, "queries": 15, "batch": 32, "val_queries": 15,
                     "train": {"schedule": "none"}}
+    adapts_by_gradient = True
+    #: vmap's randomness over tasks: fewshot's own nets draw nothing; any other module may (dropout)
+    _randomness = "error"
 
     def __init__(self, config, in_shape):
         super().__init__(config, in_shape)
@@ -171,15 +177,27 @@ class GradientMethod(Method):
         if c.combine == "agreement" and c.taml in ("gini", "theil", "vol"):
             raise FewshotError("choose either gradient agreement or a TAML inequality penalty, not both")
         steps = max(c.inner_steps, c.test_steps or c.inner_steps)
-        self.net = meta_network(c.backbone, self.in_shape, c.outputs, c.hidden, c.mlp_hidden, c.bn, steps,
-                                c.context, c.activation)
-        names = [n for n, _ in self.net.named_parameters()]
+        head = "head."
+        if self._build.backbone is None and c.backbone in ("auto", "conv4", "mlp") and not c.head:
+            self.net = self.make_backbone(head="head", own=lambda kind: meta_network(
+                kind, self.in_shape, c.outputs, c.hidden, c.mlp_hidden, c.bn, steps, c.context, c.activation))
+        else:       # any other module: the additional path of fewshot.models.functional
+            from ..models.functional import FunctionalNet
+            module = self.make_backbone(outputs=c.outputs, head=c.head or None)
+            self.net = FunctionalNet(module, self.in_shape, c.bn, steps, c.context, c.head or None,
+                                     name=c.backbone)
+            self._randomness = "different"
+            head = self.net.head_prefix
+            if head is None and c.adapt in ("head", "body"):
+                raise FewshotError(f"adapt {c.adapt} needs a head: backbone {c.backbone} has no nn.Linear; "
+                                   "name its head with --head")
+        names = [n for n, p in self.net.named_parameters() if p.requires_grad]   # frozen ones stay fixed
         if c.adapt == "all":
             adapted = [n for n in names if not n.startswith("film.")]
         elif c.adapt == "head":
-            adapted = [n for n in names if n.startswith("head.")]
+            adapted = [n for n in names if n.startswith(head)]
         elif c.adapt == "body":
-            adapted = [n for n in names if not n.startswith(("head.", "film."))]
+            adapted = [n for n in names if not n.startswith((head, "film."))]
         else:
             adapted = []
         self.adapt_keys = adapted
@@ -301,6 +319,8 @@ class GradientMethod(Method):
 
     def _workers(self, device: torch.device, batch: int) -> int:
         w = self.config.workers
+        if not self.rebuildable:    # a module given in Python: worker processes cannot rebuild it
+            return 1
         if w == 0:      # auto: one single-threaded process per intra-op thread on CPU
             w = torch.get_num_threads() if device.type == "cpu" else 1
         return max(1, min(int(w), batch))
@@ -325,7 +345,7 @@ class GradientMethod(Method):
             # .contiguous() keeps the channels-last strides of a 1-input-channel weight)
             params = {k: v.clone(memory_format=torch.contiguous_format) for k, v in params.items()}
             return vmap(f, in_dims=(None,) + (0,) * len(tensors), chunk_size=min(chunk, B),
-                        randomness="error")(params, *tensors)
+                        randomness=self._randomness)(params, *tensors)
         if device.type == "cpu":
             from ..parallel import tune_allocator
             tune_allocator()
@@ -482,7 +502,7 @@ class GradientMethod(Method):
         regression = torch.is_floating_point(support_y)
         if not regression:
             ways = int(ways) if ways is not None else int(support_y.max()) + 1
-            head = self.net.head.out_features
+            head = self.config.outputs
             if ways > head:
                 raise FewshotError(f"this {self.name} model has a {head}-way head; it cannot classify "
                                    f"{ways}-way tasks (train it with --ways {ways})")

@@ -124,7 +124,7 @@ class HallucinationProtoNet(Method):
             raise FewshotError(f"unknown distance {config.distance!r}; choose from {', '.join(DISTANCES)}")
         if config.m < 0:
             raise FewshotError(f"m (hallucinated features per class) must be at least 0, got {config.m}")
-        self.backbone = encoder(config, self.in_shape)
+        self.backbone = encoder(self)
         dim = feature_dim(self.backbone, self.in_shape)
         self.generator = Hallucinator(dim, config.gen_hidden, config.dropout, config.gen_init)
 

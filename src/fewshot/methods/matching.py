@@ -40,6 +40,7 @@ from torch import nn
 from ..errors import FewshotError
 from . import register
 from .base import Method, accuracy, infer_ways
+from ..models.backbones import feature_dim
 from .protonet import encoder, EncoderOptions
 
 
@@ -106,14 +107,14 @@ class MatchingNet(Method):
             raise FewshotError(f"scale must be positive, got {config.scale}")
         if config.fce and config.fce_steps < 1:
             raise FewshotError(f"fce_steps must be at least 1, got {config.fce_steps}")
-        self.backbone = encoder(config, self.in_shape)
+        self.backbone = encoder(self)
         s = torch.tensor(float(config.scale))
         if config.learn_scale:
             self.log_scale = nn.Parameter(s.log())
         else:
             self.register_buffer("log_scale", s.log())
         if config.fce:
-            dim = self.backbone.out_dim(self.in_shape) if hasattr(self.backbone, "out_dim") else config.embedding
+            dim = feature_dim(self.backbone, self.in_shape)
             self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)
             self.query_lstm = AttentionLSTM(dim, config.fce_steps)
 

@@ -42,7 +42,7 @@ from ..errors import FewshotError
 from ..learned_optim import preprocess_gradients
 from ..models.meta import head_inputs, meta_network
 from . import register
-from .base import Method, accuracy, infer_ways
+from .base import BackboneOptions, Method, accuracy, infer_ways
 from .gbml import task_loss
 
 BN = ("transductive", "none")
@@ -65,8 +65,10 @@ class MetaLSTM(Method):
     """Meta-LSTM learner (Ravi & Larochelle 2017): an LSTM whose cell state is the learner's parameters."""
 
     @dataclass
-    class Config:
-        backbone: str = "auto"          #: learner: conv4 for images, mlp for vectors
+    class Config(BackboneOptions):
+        #: the learner, head included: conv4 for images, mlp for vectors, or any other backbone (a name,
+        #: package.module:factory, file.py:factory, timm:NAME; its every parameter is a cell of the LSTM)
+        backbone: str = "auto"
         hidden: int = 32                #: learner conv4 channels (the paper: 32)
         mlp_hidden: List[int] = field(default_factory=lambda: [40, 40])  #: mlp hidden sizes
         outputs: int = 0                #: learner head size (0: the run's --ways)
@@ -99,7 +101,13 @@ class MetaLSTM(Method):
             if lo > hi:
                 raise FewshotError(f"{name}_min ({lo}) must not exceed {name}_max ({hi})")
         #: the learner; its parameters are theta_0 = c_0 (meta-learned)
-        self.net = meta_network(c.backbone, self.in_shape, c.outputs, c.hidden, c.mlp_hidden, c.bn, 1)
+        if self._build.backbone is None and c.backbone in ("auto", "conv4", "mlp"):
+            self.net = self.make_backbone(head="head", own=lambda kind: meta_network(
+                kind, self.in_shape, c.outputs, c.hidden, c.mlp_hidden, c.bn, 1))
+        else:
+            from ..models.functional import FunctionalNet
+            self.net = FunctionalNet(self.make_backbone(outputs=c.outputs), self.in_shape, c.bn, 1,
+                                     name=c.backbone)
         self._names = [n for n, _ in self.net.named_parameters()]
         self._shapes = [p.shape for _, p in self.net.named_parameters()]
         # the meta-learner: LSTM over (preprocessed grad, preprocessed loss), then the two gates

@@ -47,6 +47,7 @@ class SequenceMethod(Method):
     nothing to adapt to, so ``predict`` reads ``query_x`` only)."""
 
     run_defaults: ClassVar[dict] = COPY_RUN_DEFAULTS
+    labels_sequences: ClassVar[bool] = True
 
     def __init__(self, config, in_shape):
         super().__init__(config, in_shape)

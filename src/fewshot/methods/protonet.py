@@ -17,7 +17,7 @@ from torch import nn
 from ..errors import FewshotError
 from ..models import MLP, Conv1d, Conv4
 from . import register
-from .base import Method, accuracy, infer_ways
+from .base import BackboneOptions, Method, accuracy, infer_ways
 
 DISTANCES = ("sqeuclidean", "euclidean", "cosine", "dot")
 
@@ -65,18 +65,27 @@ def make_backbone(kind: str, in_shape, hidden: int, mlp_hidden, embedding: int) 
     raise FewshotError(f"unknown backbone {kind!r}; choose conv4, conv1d, mlp or auto")
 
 
+#: the encoder names the metric methods build with :func:`make_backbone` (fewshot.models' own networks)
+OWN_ENCODERS = ("auto", "conv4", "mlp", "conv1d")
+
+
 @dataclass
-class EncoderOptions:
+class EncoderOptions(BackboneOptions):
     """The embedding-network options shared by the metric methods (their Configs extend this)."""
-    backbone: str = "auto"          #: conv4 for images, mlp for vectors, conv1d for feature maps (audio)
+    #: auto (conv4 for images, mlp for vectors) | conv4 | conv1d (audio feature maps) | mlp | any other
+    #: backbone name (resnet12, resnet18, ...), package.module:factory, path/to/file.py:factory, timm:NAME
+    backbone: str = "auto"
     hidden: int = 64                #: conv4 channels
     mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])  #: mlp hidden sizes
     embedding: int = 64             #: mlp output size
 
 
-def encoder(config: EncoderOptions, in_shape) -> nn.Module:
-    """The backbone a Config extending :class:`EncoderOptions` asks for."""
-    return make_backbone(config.backbone, in_shape, config.hidden, config.mlp_hidden, config.embedding)
+def encoder(method: Method) -> nn.Module:
+    """The encoder of a method whose Config extends :class:`EncoderOptions`, through
+    :meth:`Method.make_backbone` (the names of :data:`OWN_ENCODERS` by :func:`make_backbone`)."""
+    c, shape = method.config, method.in_shape
+    return method.make_backbone(own=lambda kind: make_backbone(kind, shape, c.hidden, c.mlp_hidden, c.embedding)
+                                if kind in OWN_ENCODERS else None)
 
 
 @register("protonet")
@@ -94,7 +103,7 @@ class ProtoNet(Method):
         super().__init__(config, in_shape)
         if config.distance not in DISTANCES:
             raise FewshotError(f"unknown distance {config.distance!r}; choose from {', '.join(DISTANCES)}")
-        self.backbone = encoder(config, self.in_shape)
+        self.backbone = encoder(self)
         s = torch.tensor(float(config.scale))
         if config.learn_scale:
             self.log_scale = nn.Parameter(s.log())

@@ -40,8 +40,9 @@ from torch import nn
 
 from ..errors import FewshotError
 from ..models import MLP
+from ..models.backbones import feature_dim
 from . import register
-from .base import Method, accuracy, infer_ways
+from .base import BackboneOptions, Method, accuracy, infer_ways
 from .protonet import make_backbone
 
 ZERO_SHOT_NEEDS = "zero-shot relation network needs --attributes CLASS_VECTORS.csv"
@@ -84,8 +85,10 @@ class RelationNet(Method):
     """Relation network: a learned comparison module scores query-class pairs in [0, 1] (Sung et al. 2018)."""
 
     @dataclass
-    class Config:
-        backbone: str = "auto"          #: conv4 for images, mlp for vectors
+    class Config(BackboneOptions):
+        #: conv4 for images (the paper's conv feature maps), mlp for vectors; any other backbone (a name,
+        #: package.module:factory, file.py:factory, timm:NAME) is a vector encoder compared by the MLP
+        backbone: str = "auto"
         hidden: int = 64                #: channels of the embedding and relation conv blocks
         relation_hidden: int = 8        #: units of the relation module's hidden linear layer (images)
         mlp_hidden: List[int] = field(default_factory=lambda: [256, 256])   #: vector / zero-shot MLP encoder
@@ -111,14 +114,14 @@ class RelationNet(Method):
         kind = c.backbone
         if kind == "auto":
             kind = "conv4" if len(self.in_shape) == 3 else "mlp"
-        if kind not in ("conv4", "mlp"):
-            raise FewshotError(f"unknown backbone {kind!r}; choose conv4, mlp or auto")
-        self.kind = "zero_shot" if c.zero_shot else ("image" if kind == "conv4" else "vector")
+        own = self._build.backbone is None and kind in ("conv4", "mlp")
+        self.kind = "zero_shot" if c.zero_shot else ("image" if own and kind == "conv4" else "vector")
         if self.kind == "zero_shot":
             if c.attr_dim < 1:
                 raise FewshotError(ZERO_SHOT_NEEDS)
-            self.encoder = make_backbone(kind, self.in_shape, c.hidden, c.mlp_hidden, c.embedding)
-            dim = self.encoder.out_dim(self.in_shape) if kind == "conv4" else c.embedding
+            self.encoder = self.make_backbone(own=lambda k: make_backbone(k, self.in_shape, c.hidden, c.mlp_hidden,
+                                                                          c.embedding) if own else None)
+            dim = feature_dim(self.encoder, self.in_shape)
             self.attr_net = nn.Sequential(nn.Linear(c.attr_dim, c.attr_hidden), nn.ReLU(inplace=True),
                                           nn.Linear(c.attr_hidden, dim), nn.ReLU(inplace=True))
             self.relation = self._relation_mlp(dim)
@@ -129,15 +132,20 @@ class RelationNet(Method):
                 raise FewshotError(f"the relation network needs images of at least 16x16 pixels, got "
                                    f"{self.in_shape[1]}x{self.in_shape[2]}")
             h = c.hidden
-            self.encoder = nn.Sequential(conv_block(self.in_shape[0], h, True), conv_block(h, h, True),
-                                         conv_block(h, h, False), conv_block(h, h, False))
+            self.encoder = self.make_backbone(own=lambda k: nn.Sequential(
+                conv_block(self.in_shape[0], h, True), conv_block(h, h, True), conv_block(h, h, False),
+                conv_block(h, h, False)))
             side = [s // 2 // 2 // 2 // 2 for s in self.in_shape[1:]]
             self.relation = nn.Sequential(conv_block(2 * h, h, True), conv_block(h, h, True), nn.Flatten(),
                                           nn.Linear(h * side[0] * side[1], c.relation_hidden),
                                           nn.ReLU(inplace=True), nn.Linear(c.relation_hidden, 1))
-        else:
-            self.encoder = MLP(int(torch.Size(self.in_shape).numel()), tuple(c.mlp_hidden), c.embedding)
+        elif own:
+            self.encoder = self.make_backbone(own=lambda k: MLP(int(torch.Size(self.in_shape).numel()),
+                                                                tuple(c.mlp_hidden), c.embedding))
             self.relation = self._relation_mlp(c.embedding)
+        else:
+            self.encoder = self.make_backbone()
+            self.relation = self._relation_mlp(feature_dim(self.encoder, self.in_shape))
 
     def _relation_mlp(self, dim: int) -> nn.Sequential:
         return nn.Sequential(nn.Linear(2 * dim, self.config.mlp_relation_hidden), nn.ReLU(inplace=True),

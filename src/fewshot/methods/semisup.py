@@ -27,7 +27,7 @@ queries only; with ``transductive_predict`` the queries themselves serve as the 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -112,9 +112,9 @@ class SemiSupervisedProtoNet(ProtoNet):
             raise FewshotError(f"unknown semi-supervised mode {config.mode!r}; choose from {', '.join(MODES)}")
         if config.steps < 1:
             raise FewshotError(f"steps must be at least 1, got {config.steps}")
-        base = ProtoNet.Config(backbone=config.backbone, hidden=config.hidden, mlp_hidden=config.mlp_hidden,
-                               embedding=config.embedding)
+        base = ProtoNet.Config(**{f.name: getattr(config, f.name) for f in fields(EncoderOptions)})
         super().__init__(base, in_shape)
+        config.backbone = base.backbone         # as recorded by make_backbone (a module given in Python)
         self.config = config
         self.log_radius = nn.Parameter(torch.zeros(())) if config.mode == "distractor" else None
         self.mask_net = None

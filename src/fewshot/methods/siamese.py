@@ -43,8 +43,8 @@ from torch.func import functional_call
 
 from ..errors import FewshotError
 from . import register
-from .base import Method, accuracy, infer_ways
-from .protonet import make_backbone
+from .base import BackboneOptions, Method, accuracy, infer_ways
+from .protonet import OWN_ENCODERS, make_backbone
 
 DISTANCES = ("euclidean", "cosine")
 LOSSES = ("contrastive", "triplet")
@@ -159,8 +159,10 @@ class Siamese(Method):
     run_defaults = {"ways": 16, "shots": 1, "queries": 3}
 
     @dataclass
-    class Config:
-        backbone: str = "auto"          #: auto (conv4 for images, mlp for vectors) | conv4 | mlp | faces
+    class Config(BackboneOptions):
+        #: auto (conv4 for images, mlp for vectors) | conv4 | mlp | faces | any other backbone name,
+        #: package.module:factory, path/to/file.py:factory or timm:NAME
+        backbone: str = "auto"
         hidden: int = 64                #: conv4 channels
         mlp_hidden: List[int] = field(default_factory=lambda: [128, 128])   #: dense encoder (audio: 128-128-128)
         embedding: int = 0              #: output size of the mlp (0: 128) and faces (0: 50) encoders
@@ -187,11 +189,13 @@ class Siamese(Method):
             raise FewshotError(f"calibration_pairs must be at least 2, got {config.calibration_pairs}")
         if config.embedding < 0:
             raise FewshotError(f"embedding must be positive (or 0 for the encoder's default), got {config.embedding}")
-        if config.backbone == "faces":
-            self.backbone = FaceEncoder(self.in_shape, config.embedding or 50, config.dropout)
-        else:
-            self.backbone = make_backbone(config.backbone, self.in_shape, config.hidden, config.mlp_hidden,
-                                          config.embedding or 128)
+        def own(kind):
+            if kind == "faces":
+                return FaceEncoder(self.in_shape, config.embedding or 50, config.dropout)
+            if kind in OWN_ENCODERS:
+                return make_backbone(kind, self.in_shape, config.hidden, config.mlp_hidden, config.embedding or 128)
+            return None
+        self.backbone = self.make_backbone(own=own)
         #: same/different threshold on the energy (NaN until calibrated)
         self.register_buffer("threshold", torch.tensor(float("nan")))
 

@@ -89,7 +89,7 @@ class TaskConditioned(Method):
                 raise FewshotError(f"{k} must be at least 0, got {getattr(config, k)}")
         if config.scale <= 0:
             raise FewshotError(f"scale must be positive, got {config.scale}")
-        self.backbone = encoder(config, self.in_shape)
+        self.backbone = encoder(self)
         D = feature_dim(self.backbone, self.in_shape)
         self.dim = D
         t_dim = (4 if config.label_aware else 2) * D

@@ -37,7 +37,7 @@ class RLTasks(EnvTaskFamily):
         """Each task's mean return ``[B]`` after the method adapts with its ``test_steps`` policy-gradient
         steps on fresh rollouts (:func:`fewshot.rl.meta.adapted_returns`; gradient-based methods only)."""
         from ..rl.meta import adapted_returns, check_rl_config
-        if not hasattr(method, "adapted_params"):
+        if not method.adapts_by_gradient:
             raise FewshotError(f"method {method.name} does not adapt by gradient steps; it cannot be evaluated "
                                "on RL tasks")
         check_rl_config(method)
