@@ -1,10 +1,12 @@
-"""Data: :class:`ClassDataset` and its loaders (Omniglot, CIFAR-100, mini-ImageNet, image folders, labelled
-flat folders, audio clips, glyphs, Lake's one-shot runs).
+"""Data: :class:`ClassDataset` and its loaders (Omniglot, CIFAR-100, mini-ImageNet, tiered-ImageNet,
+CUB-200-2011, image folders, labelled flat folders, audio clips, glyphs, Lake's one-shot runs).
 
 ``load(spec, ...)`` resolves what a user passes as ``--data``: the name of a built-in set ("glyphs"),
-"omniglot", "cifar100" or "mini-imagenet" (found through ``$FEWSHOT_DATA``), or a path (Omniglot zips or
-folders, the CIFAR-100 python archive or folder, mini-ImageNet's CSV or pickle layout, an image folder with
-one subfolder per class, or a folder of audio clips with one subfolder per class). With ``labels`` (a
+"omniglot", "cifar100", "mini-imagenet", "tiered-imagenet" or "cub" (found through ``$FEWSHOT_DATA``), or a
+path (Omniglot zips or folders, the CIFAR-100 python archive or folder, mini-ImageNet's CSV or pickle layout,
+tiered-ImageNet's ``.npz``/``.pkl`` folder, CUB-200-2011's folder or ``.tgz``, an image folder with
+one subfolder per class, or a folder of audio clips with one subfolder per class). ``mmap`` (``--mmap``)
+says when the decoded images are memory-mapped instead of loaded (:func:`fewshot.data.dataset.cached`). With ``labels`` (a
 ``path,label`` CSV) or ``label_pattern`` (a regular expression on file names) the folder's images are
 labelled by that instead (:mod:`fewshot.data.labeled`).
 """
@@ -18,7 +20,9 @@ from ..errors import FewshotError
 from .audio import AudioFeatures, audio_folder, is_audio_folder, list_clips, load_clips
 from .cifar import cifar100, is_cifar100
 from .cifar import default_root as cifar_root
-from .dataset import ClassDataset, cached
+from .cub import cub, is_cub
+from .cub import default_root as cub_root
+from .dataset import ClassDataset, cached, memory_mapping
 from .folder import image_folder, list_images, load_files
 from .glyphs import glyphs
 from .images import Preprocess, load_image
@@ -27,13 +31,16 @@ from .lake import LakeRun, load_lake_runs
 from .miniimagenet import has_published_split, is_mini_imagenet, mini_imagenet, published_split
 from .miniimagenet import default_root as mini_imagenet_root
 from .omniglot import FILES as OMNIGLOT_FILES, default_root, download_file, omniglot
+from .tiered import is_tiered_imagenet, tiered_imagenet
+from .tiered import default_root as tiered_root
 
 __all__ = ["ClassDataset", "Preprocess", "cached", "glyphs", "image_folder", "list_images", "load",
            "load_files", "load_image", "load_lake_runs", "LakeRun", "omniglot", "download_file", "kind_of",
            "cifar100", "audio_folder", "AudioFeatures", "load_support", "list_queries", "load_queries",
-           "mini_imagenet", "labeled_folder", "published_split", "has_published_split"]
+           "mini_imagenet", "labeled_folder", "published_split", "has_published_split", "tiered_imagenet", "cub",
+           "memory_mapping"]
 
-BUILTIN = ("glyphs", "omniglot", "cifar100", "mini-imagenet")
+BUILTIN = ("glyphs", "omniglot", "cifar100", "mini-imagenet", "tiered-imagenet", "cub")
 
 
 def _is_omniglot_dir(p: Path) -> bool:
@@ -46,7 +53,8 @@ def _is_omniglot_dir(p: Path) -> bool:
 
 
 def kind_of(spec: str) -> str:
-    """"glyphs", "omniglot", "cifar100", "mini-imagenet", "audio" or "folder" for a ``--data`` value."""
+    """"glyphs", "omniglot", "cifar100", "mini-imagenet", "tiered-imagenet", "cub", "audio" or "folder" for a
+    ``--data`` value."""
     if spec in BUILTIN:
         return spec
     p = Path(spec)
@@ -59,14 +67,20 @@ def kind_of(spec: str) -> str:
             return "cifar100"
         if is_mini_imagenet(p):
             return "mini-imagenet"
+        if is_cub(p):
+            return "cub"
         raise FewshotError(f"{spec} is a file; --data takes a folder, an Omniglot zip, the CIFAR-100 archive, "
-                           "a mini-ImageNet pickle or a built-in name")
+                           "a mini-ImageNet pickle, the CUB-200-2011 archive or a built-in name")
     if _is_omniglot_dir(p):
         return "omniglot"
     if is_cifar100(p):
         return "cifar100"
     if is_mini_imagenet(p):
         return "mini-imagenet"
+    if is_tiered_imagenet(p):
+        return "tiered-imagenet"
+    if is_cub(p):
+        return "cub"
     return "audio" if is_audio_folder(p) else "folder"
 
 
@@ -82,14 +96,21 @@ def _labeled(spec: str, labels, label_pattern, size, channels: int, invert: bool
 
 
 def load(spec: str, size=28, channels: Optional[int] = None, invert: Optional[bool] = None,
-         cache=None, labels: Optional[str] = None, label_pattern: Optional[str] = None) -> ClassDataset:
-    """Load the data set named or located by ``spec`` (see the module docstring).
+         cache=None, labels: Optional[str] = None, label_pattern: Optional[str] = None,
+         mmap="auto") -> ClassDataset:
+    """Load the data set named or located by ``spec`` (see the module docstring), memory-mapped as ``mmap``
+    (``"auto"``, ``True`` or ``False``) says: see :func:`fewshot.data.dataset.cached`.
 
     ``channels`` and ``invert`` apply to image folders (defaults: 1 channel, no inversion) and mini-ImageNet
     (default: RGB); Omniglot and glyphs are grey with bright strokes by construction. ``labels`` (a CSV of
     ``path,label`` rows) or ``label_pattern`` (a regular expression whose first group is the class) label
     the images of the folder ``spec`` instead of its subfolders.
     """
+    with memory_mapping(mmap):
+        return _load(spec, size, channels, invert, cache, labels, label_pattern)
+
+
+def _load(spec, size, channels, invert, cache, labels, label_pattern) -> ClassDataset:
     if labels is not None or label_pattern is not None:
         return _labeled(spec, labels, label_pattern, size, channels or 1, bool(invert), cache)
     kind = kind_of(spec)
@@ -103,15 +124,26 @@ def load(spec: str, size=28, channels: Optional[int] = None, invert: Optional[bo
     if kind == "mini-imagenet":
         return mini_imagenet(mini_imagenet_root() if spec == "mini-imagenet" else Path(spec), size=size,
                              channels=channels or 3, invert=bool(invert), cache=cache)
+    if kind == "tiered-imagenet":
+        return tiered_imagenet(tiered_root() if spec == "tiered-imagenet" else Path(spec), size=size,
+                               channels=channels or 3, invert=bool(invert), cache=cache)
+    if kind == "cub":
+        return cub(cub_root() if spec == "cub" else Path(spec), size=size, cache=cache)
     if kind == "audio":
         return audio_folder(spec, cache=cache)
     return image_folder(spec, size=size, channels=channels or 1, invert=bool(invert), cache=cache)
 
 
 def load_like(spec: str, preprocess: Preprocess, cache=None, labels: Optional[str] = None,
-              label_pattern: Optional[str] = None) -> ClassDataset:
+              label_pattern: Optional[str] = None, mmap="auto") -> ClassDataset:
     """Load ``spec`` with the preprocessing a run was trained with (size, channels, inversion; MFCC
-    settings for audio), labelled by ``labels`` / ``label_pattern`` when given (see :func:`load`)."""
+    settings for audio), labelled by ``labels`` / ``label_pattern`` when given, memory-mapped as ``mmap``
+    says (see :func:`load`)."""
+    with memory_mapping(mmap):
+        return _load_like(spec, preprocess, cache, labels, label_pattern)
+
+
+def _load_like(spec, preprocess, cache, labels, label_pattern) -> ClassDataset:
     if labels is not None or label_pattern is not None:
         if preprocess.audio is not None:
             raise FewshotError("--labels/--label-pattern label images, but the run was trained on audio clips")
@@ -123,15 +155,14 @@ def load_like(spec: str, preprocess: Preprocess, cache=None, labels: Optional[st
             raise FewshotError(f"{spec} is {'a folder of audio clips' if kind == 'audio' else 'not audio'} but "
                                f"the run was trained on {'images' if preprocess.audio is None else 'audio clips'}")
         return audio_folder(spec, features=preprocess.audio, cache=cache)
-    if kind in ("glyphs", "omniglot", "cifar100"):
-        ds = load(spec, size=preprocess.size, cache=cache)
+    if kind in ("glyphs", "omniglot", "cifar100", "cub"):
+        ds = _load(spec, preprocess.size, None, None, cache, None, None)
         if ds.preprocess.channels != preprocess.channels:
             raise FewshotError(f"{spec} has {ds.preprocess.channels} channel(s) but the run was trained on "
                                f"{preprocess.channels}")
         return ds
-    if kind == "mini-imagenet":
-        return load(spec, size=preprocess.size, channels=preprocess.channels, invert=preprocess.invert,
-                    cache=cache)
+    if kind in ("mini-imagenet", "tiered-imagenet"):
+        return _load(spec, preprocess.size, preprocess.channels, preprocess.invert, cache, None, None)
     return image_folder(spec, size=preprocess.size, channels=preprocess.channels, invert=preprocess.invert,
                         cache=cache)
 

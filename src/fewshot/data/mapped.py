@@ -199,8 +199,10 @@ def open_cache(path: str | os.PathLike, fingerprint: Optional[str] = None, resid
 @dataclass
 class Plan:
     """What a loader will write into a cache, known before decoding: the shape ``[N, C, H, W]`` and class
-    layout, and ``fill(write)``, which decodes the images in order, class after class, calling
-    ``write(chunk)`` with uint8 arrays ``[n, C, H, W]`` (any chunking) until all ``N`` are written."""
+    layout, and ``fill(write)``, which decodes the images and hands them over as uint8 arrays
+    ``[n, C, H, W]`` (any chunking): ``write(chunk)`` puts them after the previous chunk (class after class),
+    ``write(chunk, rows)`` at the given rows of the class-ordered file (for sources stored in another order).
+    Every row must be written exactly once."""
     shape: tuple
     counts: list
     names: list
@@ -240,27 +242,41 @@ def write_cache(path: str | os.PathLike, fingerprint: str, plan: Plan) -> None:
     prefix = MAGIC + struct.pack("<Q", len(head)) + head
     prefix += b"\0" * (_aligned(len(prefix)) - len(prefix))
     row_shape = tuple(meta["shape"][1:])
+    total, row_bytes, base = meta["shape"][0], int(np.prod(row_shape)), len(prefix)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    written = 0
+    filled = np.zeros(total, dtype=bool)
+    cursor = 0
     try:
         with open(tmp, "wb") as f:
             f.write(prefix)
+            f.flush()
+            fd = f.fileno()
 
-            def write(chunk: np.ndarray) -> None:
-                nonlocal written
-                chunk = np.asarray(chunk)
+            def write(chunk: np.ndarray, rows=None) -> None:
+                nonlocal cursor
+                chunk = np.ascontiguousarray(chunk)
                 if chunk.dtype != np.uint8 or tuple(chunk.shape[1:]) != row_shape:
                     raise ValueError(f"cache chunk must be uint8 [n, {', '.join(map(str, row_shape))}], got "
                                      f"{chunk.dtype} {tuple(chunk.shape)}")
-                if written + len(chunk) > meta["shape"][0]:
-                    raise ValueError(f"more than the planned {meta['shape'][0]} images were written")
-                f.write(np.ascontiguousarray(chunk).data)
-                written += len(chunk)
+                if rows is None:
+                    rows = np.arange(cursor, cursor + len(chunk))
+                    cursor += len(chunk)
+                rows = np.asarray(rows, dtype=np.int64).reshape(-1)
+                if len(rows) != len(chunk):
+                    raise ValueError(f"{len(chunk)} images for {len(rows)} rows")
+                if len(rows) and (rows.min() < 0 or rows.max() >= total or filled[rows].any()
+                                  or len(np.unique(rows)) != len(rows)):
+                    raise ValueError(f"cache rows written twice or outside the planned {total} images")
+                filled[rows] = True
+                flat = chunk.reshape(len(chunk), -1)
+                runs = np.flatnonzero(np.diff(rows) != 1) + 1       # consecutive rows: one write each run
+                for part in np.split(np.arange(len(rows)), runs):
+                    if len(part):
+                        os.pwrite(fd, flat[part[0]:part[-1] + 1].data, base + int(rows[part[0]]) * row_bytes)
             plan.fill(write)
-            if written != meta["shape"][0]:
-                raise ValueError(f"{written} of the planned {meta['shape'][0]} images were written")
-            f.flush()
-            os.fsync(f.fileno())
+            if not filled.all():
+                raise ValueError(f"{int(filled.sum())} of the planned {total} images were written")
+            os.fsync(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
