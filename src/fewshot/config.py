@@ -57,6 +57,10 @@ class RunConfig:
     unlabeled: int = 0          #: unlabelled examples per way in each task (semi-supervised; train and test)
     distractors: int = 0        #: distractor classes per task seen only among the unlabelled examples
     attributes: Optional[str] = None  #: CSV of class name -> semantic vector (zero-shot methods)
+    #: where training tasks come from: labels (real classes), cactus (clusters of an embedding learned without
+    #: labels; settings after a colon, e.g. cactus:embedding=pca,k=200) or umtra (augmentations of random
+    #: images); the training images' labels are then never used (fewshot.unsupervised)
+    tasks: str = "labels"
     #: validation ways (default: 5, at most the validation classes and a fixed head's size)
     val_ways: Optional[int] = None
     val_shots: int = 1
@@ -311,6 +315,8 @@ def check_config(cfg: "RunConfig") -> None:
     if not isinstance(cfg.channels_last, (bool, str)):
         raise _type_error("channels_last", "auto, true or false", cfg.channels_last)
     parse_split(cfg.split)
+    from .unsupervised import parse_tasks
+    parse_tasks(cfg.tasks)
     if cfg.attributes is not None and not cfg.attributes:
         raise FewshotError("attributes (--attributes) must name a CSV file")
     mcls = methods.get(cfg.method)

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import checkpoint, data as fsdata, methods, rundir, tasks
+from . import checkpoint, data as fsdata, methods, rundir, tasks, unsupervised
 from .augment import build_transform
 from .config import RunConfig, parse_split
 from .data.dataset import ClassDataset
@@ -158,11 +158,16 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
     cfg.check()
     if tasks.is_family(cfg.data):
         return _fit_family(cfg, out, folder, device, resume, progress, on_step)
-    ds = dataset if dataset is not None else fsdata.load(cfg.data, size=cfg.size, channels=cfg.channels,
-                                                         labels=cfg.labels, label_pattern=cfg.label_pattern,
-                                                         invert=cfg.invert)
+    if dataset is not None:
+        ds = dataset
+    elif unsupervised.unlabeled_source(cfg):      # images without classes (label-free tasks only)
+        ds = unsupervised.load_unlabeled(cfg)
+    else:
+        ds = fsdata.load(cfg.data, size=cfg.size, channels=cfg.channels, labels=cfg.labels,
+                         label_pattern=cfg.label_pattern, invert=cfg.invert)
     ds = with_run_attributes(ds, cfg)
-    train_ds, val_ds, test_ds = split_dataset(ds, cfg)
+    label_free = unsupervised.label_free(cfg)
+    train_ds, val_ds, test_ds = unsupervised.split(ds, cfg) if label_free else split_dataset(ds, cfg)
     if cfg.rotations:
         train_ds = train_ds.with_rotations()
     _fill_outputs(cfg, cfg.ways)
@@ -174,9 +179,12 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
         val_ds = None
     chosen = resolve_episodes(cfg, val_ds, test_ds)
     semi = dict(unlabeled=cfg.unlabeled, distractors=cfg.distractors)
-    sampler = episode_sampler("training", train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch,
-                              device=device, seed=cfg.seed, transform=build_transform(cfg.augment),
-                              same_group=cfg.same_group, **semi)
+    if label_free:          # CACTUs / UMTRA tasks from the training images alone (their labels unused)
+        sampler = unsupervised.task_sampler(cfg, train_ds, device, prepare=not resume)
+    else:
+        sampler = episode_sampler("training", train_ds, cfg.ways, cfg.shots, cfg.queries, batch=cfg.batch,
+                                  device=device, seed=cfg.seed, transform=build_transform(cfg.augment),
+                                  same_group=cfg.same_group, **semi)
     val_sampler = None
     if val_ds is not None:
         val_sampler = episode_sampler("validation", val_ds, cfg.val_ways, cfg.val_shots, cfg.val_queries,
