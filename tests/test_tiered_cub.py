@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import fewshot.data as fsdata
+from fewshot.data.dataset import mmap_mode
 from fewshot.data.cub import cub, split_groups, split_lists
 from fewshot.data.tiered import tiered_imagenet
 from fewshot.errors import FewshotError
@@ -203,3 +204,25 @@ def test_shipped_cub_split_is_chen_et_al():
     assert all((int(n[:3]) - 1) % 4 == 1 for n in val) and all((int(n[:3]) - 1) % 4 == 3 for n in test)
     assert train[0] == "001.Black_footed_Albatross" and test[-1] == "200.Common_Yellowthroat"
     assert split_groups(["002.Laysan_Albatross", "999.Dodo"]) == ["val", "other"]
+
+
+def test_train_and_eval_on_memory_mapped_tiered(tmp_path, monkeypatch, capsys):
+    from fewshot.cli import main
+    from fewshot.config import RunConfig
+    from fewshot.run import split_dataset
+    root = _write_tiered(tmp_path / "tiered")
+    monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache"))
+    ds = fsdata.load(str(root), size=12, mmap=True)
+    tr, va, te = split_dataset(ds, RunConfig(split="auto"))
+    assert (tr.names, va.names, te.names) == tuple(TIERED[s][0] for s in ("train", "val", "test"))
+    assert tr.memory_mapped and te.memory_mapped
+    out = tmp_path / "run"
+    rc = main(["train", "protonet", "--data", str(root), "--size", "16", "--mmap", "true", "--ways", "3",
+               "--shots", "1", "--queries", "2", "--episodes", "3", "--val-every", "0", "--test-episodes", "5",
+               "--test-ways", "3", "--out", str(out), "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert mmap_mode(RunConfig.load(out / "config.yaml").mmap) is True       # recorded; eval maps it too
+    assert main(["eval", str(out), "--episodes", "4", "--ways", "3", "--no-progress"]) == 0
+    assert main(["train", "protonet", "--data", str(root), "--mmap", "sometimes", "--out", str(tmp_path / "r2"),
+                 "--no-progress"]) == 2
+    assert "--mmap must be auto, true or false" in capsys.readouterr().err

@@ -22,12 +22,17 @@ from typing import Any, Optional
 import yaml
 
 from .errors import FewshotError
+from .explicit import mark_explicit, tracks_explicit
 from .precision import PRECISIONS
 from .train import OPTIMIZERS, SCHEDULES, TrainConfig
 
 
+@tracks_explicit
 @dataclass
 class RunConfig:
+    """A run's settings. Fields not set explicitly (in the constructor, by assignment, by a flag; a recipe
+    file sets them all) take the chosen method's literature settings (its ``run_defaults``) when the run
+    starts (:func:`fewshot.run.apply_run_defaults`), in the Python API as on the command line."""
     method: str = "protonet"
     options: dict = field(default_factory=dict)   #: the method's own options (its Config fields)
     data: str = "glyphs"        #: built-in name (glyphs, omniglot, cifar100, mini-imagenet) or a path
@@ -38,6 +43,9 @@ class RunConfig:
     size: Any = 28              #: image size (int or [h, w])
     channels: Optional[int] = None   #: 1 (grey) or 3 (RGB): image folders (default 1), mini-ImageNet (default 3)
     invert: Optional[bool] = None    #: image folders: invert intensities
+    #: memory-map the decoded images instead of loading them: auto (when they exceed 2 GiB, e.g. tiered-ImageNet;
+    #: $FEWSHOT_MMAP_BYTES sets the bound), true or false
+    mmap: Any = "auto"
     #: class split: "auto" (the data's own train/val/test split when it comes with one, as mini-ImageNet does;
     #: else fraction:0.2), "published" (that split, required), "fraction:0.2" (seeded 80-20),
     #: "group:Korean,Tagalog" (test groups; "+val:A,B" adds validation groups),
@@ -101,6 +109,8 @@ class RunConfig:
         if badt:
             raise FewshotError(f"unknown training option {badt[0]!r}; known: {', '.join(sorted(tknown))}")
         cfg = RunConfig(**d, train=TrainConfig(**tr))
+        mark_explicit(cfg)              # a recipe (or a run's saved config) is complete as it is
+        mark_explicit(cfg.train)
         cfg.check()
         return cfg
 

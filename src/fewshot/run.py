@@ -22,6 +22,7 @@ from .data.dataset import ClassDataset
 from .data.images import Preprocess, to_float
 from .episodes import EpisodeSampler
 from .errors import FewshotError
+from .methods.base import DataInfo, Method
 from .evaluate import EvalResult, evaluate
 from .models import set_channels_last
 from .precision import autocast, resolve_channels_last, resolve_device, resolve_precision
@@ -121,10 +122,17 @@ class Run:
 
 
 def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = True, on_step=None,
-        dataset: Optional[ClassDataset] = None, overwrite: bool = False, check_test: bool = False) -> Run:
+        dataset: Optional[ClassDataset] = None, overwrite: bool = False, check_test: bool = False,
+        backbone=None) -> Run:
     """Train ``cfg.method`` as configured; returns the trained run (best checkpoint loaded).
 
-    Before the first step the config is checked (:meth:`RunConfig.check`), unset validation/test episode
+    ``backbone``: an ``nn.Module`` or a callable returning one, the network of a method that has one (see
+    :func:`fewshot.methods.build`; a spec string goes in ``cfg.options["backbone"]``). The run records its
+    class; reload it with ``load_run(out, backbone=...)``.
+
+    Fields of ``cfg`` not set explicitly take the method's literature settings first
+    (:func:`apply_run_defaults`), as on the command line. Before the first step the config is checked
+    (:meth:`RunConfig.check`), unset validation/test episode
     settings are chosen from the data (:func:`resolve_episodes`, recorded in the run's config) and every
     sampler is checked against its classes: training, validation and, with ``check_test``, the test
     episodes a final evaluation will draw (``fit`` itself does not test; ``fewshot train`` asks for the check
@@ -139,11 +147,27 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
     """
     out = Path(out)
     with rundir.RunFolder(out, resume=resume, overwrite=overwrite) as folder:
-        return _fit(cfg, out, folder, resume, progress, on_step, dataset, check_test)
+        return _fit(cfg, out, folder, resume, progress, on_step, dataset, check_test, backbone)
+
+
+def apply_run_defaults(cfg: RunConfig) -> None:
+    """Give every field of ``cfg`` (and of ``cfg.train``) that was not set explicitly (see
+    :mod:`fewshot.explicit`; a recipe file sets them all) the value of the method's ``run_defaults``, in
+    place. A literature value equal to the evaluation protocol's (:data:`PROTOCOL_DEFAULTS`, e.g. maml's
+    ``val_queries: 15``) is left unset, so that :func:`resolve_episodes` derives it from the data."""
+    from .explicit import explicit
+    given, given_train = explicit(cfg), explicit(cfg.train)
+    for k, v in methods.get(cfg.method).run_defaults.items():
+        if k == "train":
+            for tk, tv in v.items():
+                if tk not in given_train:
+                    setattr(cfg.train, tk, tv)
+        elif k not in given and PROTOCOL_DEFAULTS.get(k, object()) != v:
+            setattr(cfg, k, v)
 
 
 def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, progress: bool, on_step,
-         dataset: Optional[ClassDataset], check_test: bool) -> Run:
+         dataset: Optional[ClassDataset], check_test: bool, backbone=None) -> Run:
     """:func:`fit` inside its claimed run folder (nothing in ``out`` changes before ``folder.create``)."""
     device = resolve_device(cfg.device)
     cfg.precision = resolve_precision(cfg.precision, device)
@@ -155,25 +179,27 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
             old = RunConfig.load(saved)
             if old.method != cfg.method:
                 raise FewshotError(f"{out} holds a {old.method!r} run, not {cfg.method!r}")
+    apply_run_defaults(cfg)
     cfg.check()
     if tasks.is_family(cfg.data):
-        return _fit_family(cfg, out, folder, device, resume, progress, on_step)
+        return _fit_family(cfg, out, folder, device, resume, progress, on_step, backbone)
     if dataset is not None:
         ds = dataset
     elif unsupervised.unlabeled_source(cfg):      # images without classes (label-free tasks only)
         ds = unsupervised.load_unlabeled(cfg)
     else:
         ds = fsdata.load(cfg.data, size=cfg.size, channels=cfg.channels, labels=cfg.labels,
-                         label_pattern=cfg.label_pattern, invert=cfg.invert)
+                         label_pattern=cfg.label_pattern, invert=cfg.invert, mmap=cfg.mmap)
     ds = with_run_attributes(ds, cfg)
     label_free = unsupervised.label_free(cfg)
     train_ds, val_ds, test_ds = unsupervised.split(ds, cfg) if label_free else split_dataset(ds, cfg)
     if cfg.rotations:
         train_ds = train_ds.with_rotations()
-    _fill_outputs(cfg, cfg.ways)
-    _fill_attr_dim(cfg, ds)
+    data = DataInfo(outputs=cfg.ways, attr_dim=int(ds.attributes.shape[1]) if ds.attributes is not None else 0)
+    cfg.options = methods.get(cfg.method).configure(cfg.options, data)
     torch.manual_seed(cfg.seed)
-    method = methods.build(cfg.method, ds.image_shape, **cfg.options)     # bad method options fail first
+    # bad method options (and a backbone that cannot be built or does not fit) fail first, before --out changes
+    method = build_method(cfg, ds.image_shape, backbone)
     # every sampler's shape is checked here, before the first step (the test one too, unless not wanted)
     if not cfg.train.val_every:
         val_ds = None
@@ -200,10 +226,16 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
     meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
     result = train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
                    progress=progress, on_step=on_step)
-    _post_train(cfg.method, out, train_ds, device, cfg.seed)
-    run = load_run(out, "best", device=device)
+    _post_train(cfg.method, out, train_ds, device, cfg.seed, backbone)
+    run = load_run(out, "best", device=device, backbone=_fresh(backbone))
     run.train_result = result
     return run
+
+
+def _fresh(backbone):
+    """A module given in Python, copied (a loaded run must not share the trained method's module)."""
+    import copy
+    return copy.deepcopy(backbone) if isinstance(backbone, torch.nn.Module) else backbone
 
 
 #: validation and test episodes when the run does not set them: 5 ways, 15 queries per class (the
@@ -224,10 +256,9 @@ _FLAGS = {"training": ("--ways", "--shots", "--queries"),
 def head_size(cfg: RunConfig) -> Optional[int]:
     """The most ways a method with a fixed-size classification head (an ``outputs`` option, e.g. the MAML
     family) can label in a task; ``None`` when its head adapts to any number of ways."""
-    from dataclasses import fields
-    if tasks.is_family(cfg.data) or "outputs" not in {f.name for f in fields(methods.get(cfg.method).Config)}:
+    if tasks.is_family(cfg.data):
         return None
-    return int(cfg.options["outputs"]) if cfg.options.get("outputs") else None
+    return methods.get(cfg.method).head_size(cfg.options)
 
 
 def default_queries(ds: ClassDataset, shots: int, unlabeled: int = 0) -> int:
@@ -293,46 +324,26 @@ def has_test_split(cfg: RunConfig) -> bool:
     return tasks.is_family(cfg.data) or parse_split(cfg.split)["kind"] != "none"
 
 
-def _post_train(method: str, out: Path, train_ds: ClassDataset, device, seed: int) -> None:
+def _post_train(method: str, out: Path, train_ds: ClassDataset, device, seed: int, backbone=None) -> None:
     """Methods with a ``post_train(train_dataset, seed=...)`` hook (the Siamese network calibrates its
     same/different threshold on training pairs) run it on each saved checkpoint, which is re-saved with the
     updated weights/buffers and the hook's report under ``"post_train"``."""
-    if not callable(getattr(methods.get(method), "post_train", None)):
+    if methods.get(method).post_train is Method.post_train:     # the default does nothing
         return
     for which in ("best", "last"):
-        r = load_run(out, which, device=device)
+        r = load_run(out, which, device=device, backbone=_fresh(backbone))
         info = r.method.post_train(train_ds, seed=seed)
         r.checkpoint["model"] = r.method.state_dict()
         r.checkpoint["post_train"] = info
         checkpoint.save(r.checkpoint, out / "checkpoints" / f"{which}.pt")
 
 
-def _fill_outputs(cfg: RunConfig, outputs: int) -> None:
-    """Methods with a fixed-size head (MAML family) get ``outputs`` from the run (ways or target size)."""
-    from dataclasses import fields
-    names = {f.name for f in fields(methods.get(cfg.method).Config)}
-    if "outputs" in names and not cfg.options.get("outputs"):
-        cfg.options["outputs"] = int(outputs)
-
-
-def _fill_attr_dim(cfg: RunConfig, ds: ClassDataset) -> None:
-    """Methods with an ``attr_dim`` option (zero-shot) get the length of the data's semantic class vectors."""
-    from dataclasses import fields
-    names = {f.name for f in fields(methods.get(cfg.method).Config)}
-    if "attr_dim" not in names:
-        return
-    if ds.attributes is None:
-        if cfg.options.get("zero_shot"):
-            raise FewshotError("zero-shot relation network needs --attributes CLASS_VECTORS.csv")
-    elif not cfg.options.get("attr_dim"):
-        cfg.options["attr_dim"] = int(ds.attributes.shape[1])
-
-
 #: training, validation and test tasks of a family come from differently seeded generators
 FAMILY_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
-def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, resume, progress, on_step) -> Run:
+def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, resume, progress, on_step,
+                backbone=None) -> Run:
     """``fit`` for task families (sine, toy-binary): tasks are drawn, not split from classes."""
     train_tasks = tasks.make(cfg.data, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
                              seed=cfg.seed + FAMILY_SEEDS["train"])
@@ -340,12 +351,12 @@ def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, res
         cfg.ways = 0
     else:
         cfg.ways = train_tasks.ways
-    _fill_outputs(cfg, train_tasks.outputs)
+    cfg.options = methods.get(cfg.method).configure(cfg.options, DataInfo(outputs=train_tasks.outputs))
     for key in ("val_queries", "test_queries"):    # a family draws as many queries as asked
         if getattr(cfg, key) is None:
             setattr(cfg, key, EVAL_QUERIES)
     torch.manual_seed(cfg.seed)
-    method = methods.build(cfg.method, train_tasks.in_shape, **cfg.options)
+    method = build_method(cfg, train_tasks.in_shape, backbone)
     val_sampler = None
     if cfg.train.val_every:
         val_sampler = tasks.make(cfg.data, cfg.val_shots, cfg.val_queries, device=device,
@@ -355,14 +366,30 @@ def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, res
             "data_source": cfg.data, "task_family": cfg.data, "in_shape_family": list(train_tasks.in_shape)}
     result = train(method, train_tasks, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
                    progress=progress, on_step=on_step)
-    run = load_run(out, "best", device=device)
+    run = load_run(out, "best", device=device, backbone=_fresh(backbone))
     run.train_result = result
     return run
 
 
+def build_method(cfg: RunConfig, in_shape, backbone=None, load_pretrained: bool = True):
+    """``cfg.method`` built with ``cfg.options`` for inputs of ``in_shape``; ``backbone`` (a module or
+    callable given in Python) replaces the options' spec, and what the method records for it (its class)
+    goes into ``cfg.options`` so that the run's config says what it was trained with."""
+    opts = dict(cfg.options)
+    spec = opts.pop("backbone", None)
+    method = methods.build(cfg.method, in_shape, backbone=backbone if backbone is not None else spec,
+                           load_pretrained=load_pretrained, **opts)
+    if backbone is not None:
+        cfg.options["backbone"] = method.config.backbone
+    return method
+
+
 # ------------------------------------------------------------------------------------------ load
-def load_run(path: str | Path, which: str = "best", device=None) -> Run:
-    """Load a trained method from a run directory (or a checkpoint file)."""
+def load_run(path: str | Path, which: str = "best", device=None, backbone=None) -> Run:
+    """Load a trained method from a run directory (or a checkpoint file).
+
+    ``backbone``: for a run trained with a module given in Python (its config records ``instance of
+    package.module.Class``), a module of that class (its weights are replaced by the checkpoint's)."""
     path = Path(path)
     if path.is_file():
         ck_path, run_dir = path, path.parent.parent
@@ -380,7 +407,11 @@ def load_run(path: str | Path, which: str = "best", device=None) -> Run:
         cfg = RunConfig.from_dict(ck.get("run_config") or {"method": ck["method"]})
     except FewshotError as e:
         raise FewshotError(f"{ck_path} is not a usable fewshot run checkpoint: {e}") from None
-    method = methods.build(ck["method"], ck["in_shape"], **ck["method_config"])
+    opts = dict(ck["method_config"])
+    spec = opts.pop("backbone", None)
+    # the checkpoint holds every weight: a pretrained file is not read again
+    method = methods.build(ck["method"], ck["in_shape"], backbone=backbone if backbone is not None else spec,
+                           load_pretrained=False, **opts)
     try:
         method.load_state_dict(ck["model"])
     except RuntimeError as e:
@@ -412,12 +443,12 @@ def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
     """The held-out classes to evaluate on: all classes of ``data`` if given, else the run's test split."""
     cfg = run.config
     if data is not None:
-        return with_run_attributes(fsdata.load_like(data, run.preprocess), cfg)
+        return with_run_attributes(fsdata.load_like(data, run.preprocess, mmap=cfg.mmap), cfg)
     if not has_test_split(cfg):
         raise FewshotError(f"run {run.path} holds out no test classes (trained with --split none); pass --data "
                            "to evaluate on the classes of another data set")
     ds = with_run_attributes(fsdata.load_like(cfg.data, run.preprocess, labels=cfg.labels,
-                                              label_pattern=cfg.label_pattern), cfg)
+                                              label_pattern=cfg.label_pattern, mmap=cfg.mmap), cfg)
     listed = run.path / "classes_test.txt"
     if listed.is_file():
         return ds.split_by_names(_read_list(str(listed)))[0]
@@ -501,7 +532,7 @@ def adaptation_curve(run: Run, data: Optional[str] = None, episodes: Optional[in
     from .rl.meta import evaluate_adaptation
     cfg = run.config
     family = task_family(run, data)
-    if not hasattr(run.method, "adapted_params"):
+    if not run.method.adapts_by_gradient:
         raise FewshotError(f"method {cfg.method} does not adapt by gradient steps; RL evaluation needs one")
     episodes = episodes or cfg.test_episodes
     shots = shots or cfg.test_shots or cfg.shots
@@ -539,10 +570,12 @@ def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: 
     """Verification metrics on held-out classes for methods that score pairs (``pair_metrics``, e.g. the
     Siamese network): binary same/different accuracy at the calibrated threshold and triplet accuracy, with
     95% CIs; writes ``eval/pairs-<P>-seed<S>.json``. ``None`` for other methods or task families."""
-    if not hasattr(run.method, "pair_metrics") or task_family(run, data) is not None:
+    if task_family(run, data) is not None:
         return None
     ds = test_classes(run, data)
     res = run.method.pair_metrics(ds, pairs=pairs, seed=seed)
+    if res is None:
+        return None
     if save:
         (run.path / "eval").mkdir(parents=True, exist_ok=True)
         tag = f"pairs-{pairs}-seed{seed}" + ("" if data is None else "-" + Path(data).name)
