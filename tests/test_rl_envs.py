@@ -112,3 +112,19 @@ def test_bad_task_specs(spec):
     with pytest.raises(FewshotError) as e:
         make_source(spec)
     assert "\n" not in str(e.value)
+
+
+def test_gymnasium_environment_with_a_task_parameter():
+    gym = pytest.importorskip("gymnasium", reason="gymnasium is not installed (pip install 'fewshot[rl]')")
+    from fewshot.rl import GymnasiumSource
+    src = GymnasiumSource(lambda task: gym.make("Pendulum-v1", g=float(task[0])),
+                          lambda g: 5 + 10 * torch.rand(1, generator=g), horizon=15)
+    assert (src.obs_dim, src.action_dim, src.discrete) == (3, 1, False)
+    runs = []
+    for _ in range(2):
+        g = torch.Generator().manual_seed(4)
+        tasks = src.sample_tasks(2, g)
+        runs.append(rollout(src, tasks, lambda obs, t: torch.full((*obs.shape[:2], 1), 0.5), 3, g))
+    assert runs[0].obs.shape == (2, 3, 15, 3)
+    assert torch.equal(runs[0].rewards, runs[1].rewards)          # reproducible from the generator
+    assert not torch.equal(runs[0].rewards[0], runs[0].rewards[1])  # another gravity, another episode

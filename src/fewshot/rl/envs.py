@@ -77,8 +77,9 @@ class TaskSource(abc.ABC):
         """Parameters of ``n`` tasks, each a tensor with leading axis ``n``."""
 
     @abc.abstractmethod
-    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
-        """``(state, obs [B, R, obs_dim])`` at the start of ``rollouts`` episodes of every task."""
+    def reset(self, tasks: Tasks, rollouts: int, generator: Optional[torch.Generator] = None) -> tuple:
+        """``(state, obs [B, R, obs_dim])`` at the start of ``rollouts`` episodes of every task (``generator``
+        for sources whose start is random)."""
 
     @abc.abstractmethod
     def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
@@ -110,7 +111,7 @@ class BernoulliBandit(TaskSource):
         t = (s + f).sum(-1, keepdim=True)
         return torch.cat([s, f, t], -1) / self.n
 
-    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+    def reset(self, tasks: Tasks, rollouts: int, generator: Optional[torch.Generator] = None) -> tuple:
         p = tasks["p"]
         s = p.new_zeros(p.shape[0], rollouts, self.k)
         return (s, s.clone()), self._obs(s, s)
@@ -150,7 +151,7 @@ class Navigation2D(TaskSource):
         u = torch.rand(n, 2, generator=generator, device=generator.device)
         return {"goal": (2 * u - 1) * self.goal_range}
 
-    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+    def reset(self, tasks: Tasks, rollouts: int, generator: Optional[torch.Generator] = None) -> tuple:
         g = tasks["goal"]
         pos = g.new_zeros(g.shape[0], rollouts, 2)
         return pos, pos
@@ -220,7 +221,7 @@ class Reach2D(TaskSource):
         """``[B, R, 2 + 2n]`` from positions ``[B, R, 2]`` and (per-rollout) target lists ``[B, R, n, 2]``."""
         return torch.cat([pos, targets.flatten(-2)], -1)
 
-    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+    def reset(self, tasks: Tasks, rollouts: int, generator: Optional[torch.Generator] = None) -> tuple:
         B = tasks["start"].shape[0]
         pos = tasks["start"].unsqueeze(1).expand(B, rollouts, 2).clone()
         tg = tasks["targets"].unsqueeze(1).expand(B, rollouts, self.targets, 2)
@@ -292,12 +293,13 @@ class GymnasiumSource(TaskSource):
         return {"task": torch.stack([torch.as_tensor(self.sample_task(generator), dtype=torch.float32)
                                      for _ in range(n)])}
 
-    def reset(self, tasks: Tasks, rollouts: int) -> tuple:
+    def reset(self, tasks: Tasks, rollouts: int, generator: Optional[torch.Generator] = None) -> tuple:
+        import numpy as np
         envs = [[self.make_env(t) for _ in range(rollouts)] for t in tasks["task"]]
-        seeds = torch.randint(2 ** 31 - 1, (len(envs), rollouts)).tolist()
-        obs = torch.tensor([[env.reset(seed=s)[0] for env, s in zip(row, srow)] for row, srow in zip(envs, seeds)],
-                           dtype=torch.float32).view(len(envs), rollouts, -1)
-        return envs, obs
+        seeds = torch.randint(2 ** 31 - 1, (len(envs), rollouts), generator=generator).tolist()
+        obs = np.array([[np.asarray(env.reset(seed=s)[0], dtype=np.float32).ravel() for env, s in zip(row, srow)]
+                        for row, srow in zip(envs, seeds)])
+        return envs, torch.from_numpy(obs)
 
     def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
         obs, rew, done = [], [], []
@@ -322,7 +324,7 @@ def rollout(source: TaskSource, tasks: Tasks, policy: Callable, rollouts: int,
 
     One Python iteration per time step, each advancing all ``B x R`` episodes; an episode that has ended
     keeps stepping but its steps are masked out (reward 0)."""
-    state, obs = source.reset(tasks, rollouts)
+    state, obs = source.reset(tasks, rollouts, generator)
     B = obs.shape[0]
     running = torch.ones(B, rollouts, dtype=torch.bool, device=obs.device)
     all_obs, all_act, all_rew, all_mask = [], [], [], []
