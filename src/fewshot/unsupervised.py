@@ -335,6 +335,51 @@ def learn_embedding(pool: torch.Tensor, spec: TaskSpec, seed: int = 0, device="c
     return Embedding("contrastive", module=enc.cpu(), normalize=True)
 
 
+def pool_digest(pool: torch.Tensor) -> str:
+    """A digest of the pool's pixels (what every cached product of the pool depends on)."""
+    import hashlib
+    return hashlib.sha256(pool.contiguous().cpu().numpy().tobytes()).hexdigest()[:20]
+
+
+def _embedding_key(pool: torch.Tensor, spec: TaskSpec, seed: int, precision: str) -> str:
+    import hashlib
+    what = {"pixels": (), "pca": (spec.dim,), "contrastive": (spec.steps, spec.batch, spec.temperature, precision)}
+    h = hashlib.sha256(f"{pool_digest(pool)}|{spec.embedding}|{what[spec.embedding]}|{seed}|v1".encode())
+    return h.hexdigest()[:20]
+
+
+def cached_embedding(pool: torch.Tensor, spec: TaskSpec, seed: int = 0, device="cpu", precision: str = "fp32",
+                     log: Optional[Callable[[str], None]] = None, cache: bool = True) -> Embedding:
+    """:func:`learn_embedding`, kept in the fewshot cache folder (``$FEWSHOT_CACHE``, else
+    ``~/.cache/fewshot``) under a key of the pool's pixels, the embedding settings, the seed and the
+    precision, so runs that differ in anything else (ways, k, the method) learn it once."""
+    from .data.dataset import cache_dir
+    path = cache_dir() / f"embedding-{_embedding_key(pool, spec, seed, precision)}.pt" if cache else None
+    if path is not None and path.is_file():
+        try:
+            d = torch.load(path, weights_only=True)
+            if d["kind"] == "contrastive":
+                from .models import Conv4
+                enc = Conv4(pool.shape[1], 64)
+                enc.load_state_dict(d["state"])
+                return Embedding("contrastive", module=enc.eval(), normalize=True)
+            return Embedding(d["kind"], mean=d.get("mean"), components=d.get("components"))
+        except Exception:
+            pass                                      # a damaged or stale cache file is rebuilt
+    emb = learn_embedding(pool, spec, seed=seed, device=device, precision=precision, log=log)
+    if path is not None:
+        d = {"kind": emb.kind, "state": emb.module.state_dict() if emb.module is not None else None,
+             "mean": emb.mean, "components": emb.components}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            torch.save(d, tmp)
+            os.replace(tmp, path)
+        except OSError:
+            pass
+    return emb
+
+
 # ------------------------------------------------------------------------------------------ partitions
 def kmeans(z: torch.Tensor, k: int, generator: torch.Generator, iters: int = 50) -> torch.Tensor:
     """Cluster index of every row of ``z`` ``[n, d]`` after k-means++ seeding and at most ``iters`` Lloyd
@@ -511,14 +556,13 @@ class CactusSampler(_PoolSampler):
         """What the partitions depend on: the pool's pixels, the settings, the seed, the ways, K + Q and the
         encoder's precision."""
         import hashlib
-        h = hashlib.sha256(self.pool.contiguous().numpy().tobytes())
-        h.update(f"{format_tasks(self.spec)}|{self.seed}|{self.ways}|{self.shots + self.queries}|"
-                 f"{self.precision}|v1".encode())
+        h = hashlib.sha256(f"{pool_digest(self.pool)}|{format_tasks(self.spec)}|{self.seed}|{self.ways}|"
+                           f"{self.shots + self.queries}|{self.precision}|v1".encode())
         return h.hexdigest()[:20]
 
     def prepare(self) -> "CactusSampler":
-        """Learn the embedding and cut the partitions (once). With ``cache`` (the default) the partitions
-        are kept in the fewshot cache folder (``$FEWSHOT_CACHE``, else ``~/.cache/fewshot``) under
+        """Learn the embedding and cut the partitions (once). With ``cache`` (the default) the embedding
+        (:func:`cached_embedding`) and the partitions are kept in the fewshot cache folder (``$FEWSHOT_CACHE``, else ``~/.cache/fewshot``) under
         :meth:`cache_key`, so another run on the same images and settings skips this step."""
         if self.labels is not None:
             return self
@@ -533,8 +577,8 @@ class CactusSampler(_PoolSampler):
             except Exception:
                 pass                                  # a damaged cache file is rebuilt
         t0 = time.time()
-        self.embedding = learn_embedding(self.pool, self.spec, seed=self.seed, device=self.device,
-                                         precision=self.precision, log=self.log)
+        self.embedding = cached_embedding(self.pool, self.spec, seed=self.seed, device=self.device,
+                                          precision=self.precision, log=self.log, cache=self.cache)
         z = self.embedding(to_float(self.pool)).cpu()
         self._set_labels(partitions(z, self.spec, self.ways, self.shots + self.queries, seed=self.seed,
                                     log=self.log))
@@ -673,11 +717,12 @@ def embedding_accuracy(embedding: Embedding, ds: ClassDataset, ways: int, shots:
     nearest support mean (the nearest support image at 1 shot) in the embedding, Euclidean, over the same
     fixed-seed episodes :func:`fewshot.evaluate` draws. Returns ``(mean %, 95% CI %, n)``."""
     from .episodes import EpisodeSampler
+    from .evaluate import EVAL_BATCH
     s = EpisodeSampler(ds, ways, shots, queries, seed=seed)
     accs = []
     left = episodes
     while left > 0:
-        ep = s.sample(min(50, left))
+        ep = s.sample(EVAL_BATCH).tasks(slice(0, min(EVAL_BATCH, left)))    # the episodes evaluate() draws
         B = ep.batch
         zs = embedding(ep.support_x.reshape(-1, *ep.support_x.shape[2:])).view(B, ways, shots, -1).mean(2)
         zq = embedding(ep.query_x.reshape(-1, *ep.query_x.shape[2:])).view(B, ways * queries, -1)
