@@ -143,7 +143,7 @@ class ClassDataset:
         index = torch.as_tensor(index, dtype=torch.long).reshape(-1)
         if isinstance(self._data, MappedImages):
             index = index.cpu()
-            return self._data.gather(self.rows[index] if self.rows is not None else index)
+            return self._data.gather(self._mapped_rows(index))
         return self._data.index_select(0, index.to(self._data.device))
 
     def images(self, c: int) -> torch.Tensor:
