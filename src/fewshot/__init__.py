@@ -18,7 +18,8 @@ from .errors import FewshotError  # noqa: E402
 from .evaluate import EvalResult, evaluate  # noqa: E402
 from .run import evaluate_run, fit, lake_eval, load_run, predict_run  # noqa: E402
 from .train import TrainConfig, train  # noqa: E402
+from .recommend import recommend  # noqa: E402
 
 __all__ = ["ClassDataset", "Episode", "EpisodeSampler", "EvalResult", "FewshotError", "RandomAffine", "RunConfig",
            "TrainConfig", "data", "episodes", "evaluate", "evaluate_run", "fit", "lake_eval", "load_run", "methods",
-           "models", "predict_run", "train"]
+           "models", "predict_run", "recommend", "train"]

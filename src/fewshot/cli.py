@@ -1,4 +1,4 @@
-"""Command line: ``fewshot train|eval|predict|plot|methods``. Thin: parse, then call :mod:`fewshot.run`.
+"""Command line: ``fewshot train|eval|predict|plot|methods|recommend``. Thin: parse, then call :mod:`fewshot.run`.
 
 User errors (bad paths, unreadable images, wrong checkpoints, impossible episode shapes) print one line
 ``fewshot: error: ...`` and exit with status 2; they never show a traceback.
@@ -311,6 +311,13 @@ def cmd_plot(a) -> int:
     return 0
 
 
+def cmd_recommend(a) -> int:
+    from .recommend import recommend
+    print(recommend(a.data, a.ways, a.shots, minutes=a.minutes, measure=a.measure, split=a.split,
+                    episodes=a.episodes, out=a.out, progress=not a.no_progress and a.measure))
+    return 0
+
+
 def cmd_methods(a) -> int:
     from . import methods
     for name in methods.available():
@@ -385,6 +392,26 @@ def build_parser(help_text: bool = True) -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--verbose", "-v", action="store_true", help="also list each method's options")
     m.set_defaults(func=cmd_methods)
+
+    r = sub.add_parser("recommend", help="which method: the rule of thumb, the measured answer, or measure it",
+                       description="Print the rule of thumb's method for N-way K-shot tasks on --data (fewer "
+                                   "than 5 shots: protonet; fewer than 1000 meta-training images: relation; "
+                                   "else maml), the best method at the nearest setting of the package's "
+                                   "measured tables (from BENCHMARKS.md), and why the two disagree. --measure "
+                                   "also trains the candidates briefly on --data and ranks them.")
+    r.add_argument("--data", required=True, help="data set name or path (as for train)")
+    r.add_argument("--ways", type=int, required=True)
+    r.add_argument("--shots", type=int, required=True)
+    r.add_argument("--minutes", type=float, default=None,
+                   help="training time available: only recorded runs within it count; with --measure, the "
+                        "candidates' total training time (default 3)")
+    r.add_argument("--measure", action="store_true", help="train protonet, relation and maml (and the two "
+                   "answers' methods) on --data for the same time and episodes, and rank them")
+    r.add_argument("--split", default="auto", help="class split, as for train (default: auto)")
+    r.add_argument("--episodes", type=int, default=200, help="test episodes of each measured candidate")
+    r.add_argument("--out", default=None, help="run directories of the measured candidates (default: a temp folder)")
+    r.add_argument("--no-progress", action="store_true")
+    r.set_defaults(func=cmd_recommend)
     return p
 
 
