@@ -109,21 +109,24 @@ def run_row(key: str, a) -> dict:
     res = run.train_result
     row.update({"tasks": cfg.tasks, "method": cfg.method, "shape": ROWS[key][3], "train_s": res.train_time_s,
                 "steps": res.steps, "fit_wall_s": time.time() - t0, "results": {}})
+    episodes = a.maml_episodes if cfg.method == "maml" and a.maml_episodes else a.episodes
     for w, k in ROWS[key][4]:
-        r = fs.evaluate_run(run, ways=w, shots=k, queries=15, episodes=a.episodes, progress=False)
+        r = fs.evaluate_run(run, ways=w, shots=k, queries=15, episodes=episodes, progress=False)
         row["results"][f"{w}w{k}s"] = {"mean": r.mean, "ci95": r.ci95, "n": r.n, "mode": r.mode}
         print(f"{key} {w}w{k}s: {r}", flush=True)
     row["wall_s"] = time.time() - t0
     return row
 
 
-def render(rows: list) -> str:
+def render(rows: list, episodes: int) -> str:
     body = []
     cols = [f"{w}w{k}s" for w, k in SETTINGS]
 
     def cell(res: dict, c: str) -> str:
         x = res.get(c)
-        return f"{x['mean']:.2f} ± {x['ci95']:.2f}" if x else ""
+        if not x:
+            return ""
+        return f"{x['mean']:.2f} ± {x['ci95']:.2f}" + ("" if x["n"] == episodes else f" ({x['n']} ep)")
 
     merged: dict = {}          # the 5-way and 20-way MAML models of one kind share a line
     for r in rows:
@@ -151,6 +154,9 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row keys: " + ", ".join(ROWS))
     ap.add_argument("--data", default=str(OMNIGLOT))
     ap.add_argument("--episodes", type=int, default=1000, help="test episodes per setting")
+    ap.add_argument("--maml-episodes", type=int, default=None,
+                    help="test episodes per setting of the MAML rows (default: --episodes; 10 inner steps per "
+                         "episode make them the slowest to test)")
     ap.add_argument("--embed-steps", type=int, default=300, help="contrastive encoder training steps")
     ap.add_argument("--partitions", type=int, default=100, help="CACTUs partitions")
     add_row_options(ap, out="runs/bench_unsupervised")
@@ -161,6 +167,8 @@ def main() -> None:
         sys.exit(f"unknown row {bad[0]!r}; rows: {', '.join(ROWS)}")
     forward = ["--minutes", str(a.minutes), "--data", a.data, "--episodes", str(a.episodes), "--embed-steps",
                str(a.embed_steps), "--partitions", str(a.partitions)]
+    if a.maml_episodes:
+        forward += ["--maml-episodes", str(a.maml_episodes)]
     if a.row:                                      # a row process: train and score that row
         drive_rows(__file__, a, keys, run_row, forward)
         return
@@ -175,7 +183,7 @@ def main() -> None:
     print(f"Omniglot small background sets without labels -> Korean + Tagalog (57 classes), {a.episodes} test "
           f"episodes per setting, 15 queries; every row meta-trained {a.minutes} min, {a.jobs} row(s) at a time x "
           f"{a.threads} thread(s); CACTUs: {cactus_spec(a)}")
-    print(render(rows))
+    print(render(rows, a.episodes))
     if failed:
         print(f"failed rows (see {a.out}/ROW.log): {', '.join(failed)}")
         sys.exit(1)

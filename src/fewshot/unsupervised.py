@@ -235,8 +235,8 @@ def image_pool(ds: ClassDataset) -> torch.Tensor:
     x = ds.data.reshape(ds.num_images, -1)
     g = torch.Generator().manual_seed(0x5EED)
     w = torch.rand(x.shape[1], generator=g, dtype=torch.float64)
-    order = torch.argsort(x.to(torch.float64) @ w, stable=True)
-    return ds.data[order]
+    keys = torch.cat([x[i:i + 4096].to(torch.float64) @ w for i in range(0, x.shape[0], 4096)])
+    return ds.data[torch.argsort(keys, stable=True)]
 
 
 # ------------------------------------------------------------------------------------------ embeddings
@@ -250,9 +250,10 @@ class Embedding:
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+        """Embed ``x`` (uint8 images, or floats in [0, 1]) ``chunk`` images at a time."""
         outs = []
         for i in range(0, x.shape[0], chunk):
-            xi = x[i:i + chunk]
+            xi = to_float(x[i:i + chunk])
             if self.kind == "contrastive":
                 self.module.eval()
                 z = self.module(xi.to(next(self.module.parameters()).device)).float().flatten(1)
@@ -264,6 +265,8 @@ class Embedding:
         return torch.cat(outs)
 
 
+#: the PCA floor is fitted on at most this many images
+PCA_FIT_IMAGES = 10000
 #: the contrastive encoder's views: stronger affine jitter than the training augmentation
 CONTRASTIVE_VIEW = RandomAffine(degrees=20.0, scale=(0.8, 1.2), shear=15.0, translate=0.15)
 
@@ -284,18 +287,19 @@ def learn_embedding(pool: torch.Tensor, spec: TaskSpec, seed: int = 0, device="c
     """Learn ``spec.embedding`` from the unlabelled ``pool`` (uint8 or float ``[n, C, H, W]``), seeded.
 
     * ``pixels``: the flattened pixels (the floor).
-    * ``pca``: the top ``spec.dim`` principal components of the pixels.
+    * ``pca``: the top ``spec.dim`` principal components of the pixels (fitted on at most
+      :data:`PCA_FIT_IMAGES` images, a seeded subset of larger pools).
     * ``contrastive``: a Conv-4 encoder (64 channels) with a 2-layer projection head trained with the NT-Xent
       loss on two affine-jittered views of ``spec.batch`` images per step for ``spec.steps`` steps (Adam
       1e-3); the embedding is the encoder's output (before the head), L2-normalised, as SimCLR uses it.
     """
     from .models import Conv4
     from .precision import autocast
-    x = to_float(pool)
     if spec.embedding == "pixels":
         return Embedding("pixels")
     if spec.embedding == "pca":
-        flat = x.reshape(x.shape[0], -1)
+        pick = torch.randperm(pool.shape[0], generator=torch.Generator().manual_seed(seed))[:PCA_FIT_IMAGES]
+        flat = to_float(pool[pick.sort().values]).reshape(len(pick), -1)
         mean = flat.mean(0)
         q = min(spec.dim, *flat.shape)
         with torch.random.fork_rng(devices=[]):
@@ -315,13 +319,13 @@ def learn_embedding(pool: torch.Tensor, spec: TaskSpec, seed: int = 0, device="c
     params = list(enc.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
     g = torch.Generator(device=device).manual_seed(seed)
-    xd = x.to(device)
+    xd = pool.to(device)                               # uint8 on the device; a batch is scaled when drawn
     n, b = xd.shape[0], min(spec.batch, xd.shape[0])
     t0 = time.time()
     enc.train()
     for step in range(spec.steps):
         idx = torch.randperm(n, generator=g, device=device)[:b]
-        views = CONTRASTIVE_VIEW(xd[idx].unsqueeze(0).expand(2, -1, -1, -1, -1).contiguous(), g)
+        views = CONTRASTIVE_VIEW(to_float(xd[idx]).unsqueeze(0).expand(2, -1, -1, -1, -1).contiguous(), g)
         with autocast(device, precision):
             z = head(enc(views.reshape(2 * b, *xd.shape[1:])).flatten(1))
         loss = nt_xent(z[:b], z[b:], spec.temperature)
@@ -477,7 +481,7 @@ class _PoolSampler:
     generator, the episode shape and the :class:`~fewshot.episodes.EpisodeSampler` interface."""
 
     def __init__(self, pool: torch.Tensor, ways: int, shots: int, queries: int, batch: int = 1, device="cpu",
-                 seed: int = 0, dtype=torch.float32, transform=None):
+                 seed: int = 0, dtype=torch.float32, transform=None, float_cache_bytes: int = 1 << 30):
         for k, v in (("ways", ways), ("shots", shots), ("batch", batch), ("queries", queries)):
             if int(v) < 1:
                 raise FewshotError(f"{k} must be at least 1, got {v}")
@@ -486,7 +490,11 @@ class _PoolSampler:
         self.dtype, self.transform, self.seed = dtype, transform, seed
         self.pool = pool
         self.image_shape = tuple(pool.shape[1:])
-        self.data = to_float(pool.to(self.device), dtype) if dtype is not None else pool.to(self.device)
+        data = pool.to(self.device)
+        n_bytes = data.numel() * (torch.finfo(dtype).bits // 8 if dtype is not None else 1)
+        # scaled to floats once when that fits in float_cache_bytes (as EpisodeSampler does), else per episode
+        self.prescaled = dtype is not None and (n_bytes <= float_cache_bytes or data.is_floating_point())
+        self.data = to_float(data, dtype) if self.prescaled else data
         self.flat = self.data.reshape(self.data.shape[0], -1)
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
@@ -503,7 +511,10 @@ class _PoolSampler:
 
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         B = idx.shape[0]
-        return self.flat.index_select(0, idx.reshape(-1)).view(B, -1, *self.image_shape)
+        x = self.flat.index_select(0, idx.reshape(-1))
+        if self.dtype is not None and not self.prescaled:
+            x = to_float(x, self.dtype)
+        return x.view(B, -1, *self.image_shape)
 
     def _episode(self, sx, qx) -> Episode:
         B, N, K, Q = sx.shape[0], self.ways, self.shots, self.queries
@@ -579,7 +590,7 @@ class CactusSampler(_PoolSampler):
         t0 = time.time()
         self.embedding = cached_embedding(self.pool, self.spec, seed=self.seed, device=self.device,
                                           precision=self.precision, log=self.log, cache=self.cache)
-        z = self.embedding(to_float(self.pool)).cpu()
+        z = self.embedding(self.pool).cpu()
         self._set_labels(partitions(z, self.spec, self.ways, self.shots + self.queries, seed=self.seed,
                                     log=self.log))
         self.build_seconds = time.time() - t0
