@@ -8,12 +8,14 @@ episodes from it with the :class:`~fewshot.episodes.EpisodeSampler` (fixed N-way
 child's peak resident set (``VmHWM``). Twice: "cold", the file evicted from the page cache first
 (``posix_fadvise``, so images come from disk), and "warm", the file read once into the page cache (which is
 the kernel's, not the process's, memory). The child then tries to read the set whole (``ds.data``), which the
-limit refuses. Last, without a limit, the same sampler on the first ``--reference-gb`` of classes loaded in
+limit refuses. ``--data PATH`` measures a real data set instead (e.g. Tiny-ImageNet, 200 classes x 550
+images, resized to ``--size``): it is decoded once by ``fewshot.data.load(PATH, mmap=True)`` into a cache
+under ``--dir``, which the children open the same way (checked against the source). Last, without a limit, the same sampler on the first ``--reference-gb`` of classes loaded in
 memory and memory-mapped (both warm), to show what reading from the file costs per episode. The cache file is
 deleted at the end unless ``--keep``.
 
 usage: nice -n 10 python benchmarks/mmap_sampler.py [--size-gb 4] [--budget-gb 2] [--episodes 300]
-       [--ways 20 --shots 5 --queries 15] [--dir /tmp]
+       [--ways 20 --shots 5 --queries 15] [--dir /tmp] [--data FOLDER --size 84] [--reference-gb 1] [--keep]
 """
 from __future__ import annotations
 
@@ -81,15 +83,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def open_data(a):
+    """The memory-mapped data set to sample: the synthetic cache, or ``--data`` through ``fewshot.data.load``."""
+    from fewshot.data import load
+    from fewshot.data.mapped import open_cache
+    if a.data:
+        return load(a.data, size=a.size, channels=3, mmap=True, cache=Path(a.child))
+    return open_cache(a.child, "benchmark")
+
+
 def child(a) -> None:
     """Runs under RLIMIT_AS: sample, time, report JSON on stdout."""
     import torch
     torch.set_num_threads(1)
-    from fewshot.data.mapped import open_cache
     from fewshot.episodes import EpisodeSampler
     from fewshot.metadataset import MetaDatasetSampler
     out = {"rss_after_import_mb": peak_rss_mb()}
-    ds = open_cache(a.child, "benchmark")
+    ds = open_data(a)
+    assert ds.memory_mapped
     rows = []
     for name, s in (("EpisodeSampler", EpisodeSampler(ds, a.ways, a.shots, a.queries, seed=0)),
                     ("MetaDatasetSampler", MetaDatasetSampler(ds, seed=0))):
@@ -100,7 +111,7 @@ def child(a) -> None:
             n_img += ep.support_x.shape[1] + ep.query_x.shape[1]
         dt = time.perf_counter() - t
         rows.append({"sampler": name, "episodes_per_s": a.episodes / dt, "images_per_episode": n_img / a.episodes,
-                     "MB_per_s": n_img * int(np.prod(SHAPE)) / dt / 1e6, "peak_rss_mb": peak_rss_mb()})
+                     "MB_per_s": n_img * int(np.prod(ds.image_shape)) / dt / 1e6, "peak_rss_mb": peak_rss_mb()})
     out["rows"] = rows
     try:
         whole = ds.data
@@ -110,14 +121,13 @@ def child(a) -> None:
     print(json.dumps(out))
 
 
-def reference(path: Path, gb: float, a) -> list:
+def reference(gb: float, a) -> list:
     """[(where, episodes/s, GB)] of the EpisodeSampler on the first ``gb`` GB of classes, in memory and mapped
     (the in-memory uint8 set converted to floats per episode, as the sampler does above 1 GiB of floats)."""
     from fewshot.data.dataset import ClassDataset
-    from fewshot.data.mapped import open_cache
     from fewshot.episodes import EpisodeSampler
-    ds = open_cache(path, "benchmark")
-    per_class = int(ds.counts[0]) * int(np.prod(SHAPE))
+    ds = open_data(a)
+    per_class = int(ds.counts[0]) * int(np.prod(ds.image_shape))
     sub = ds.subset(range(max(a.ways, min(len(ds), int(gb * 1e9) // per_class))))
     mem = ClassDataset(sub.data, sub.counts, sub.names)
     out = []
@@ -128,7 +138,7 @@ def reference(path: Path, gb: float, a) -> list:
         t = time.perf_counter()
         for _ in range(a.episodes):
             s.sample()
-        out.append((where, a.episodes / (time.perf_counter() - t), sub.num_images * int(np.prod(SHAPE)) / 1e9))
+        out.append((where, a.episodes / (time.perf_counter() - t), sub.num_images * int(np.prod(ds.image_shape)) / 1e9))
     return out
 
 
@@ -142,22 +152,43 @@ def main() -> None:
     ap.add_argument("--queries", type=int, default=15)
     ap.add_argument("--dir", default="/tmp")
     ap.add_argument("--reference-gb", type=float, default=1.0, help="size of the in-memory comparison")
+    ap.add_argument("--data", help="a real data set (folder) instead of the synthetic cache")
+    ap.add_argument("--size", type=int, default=84, help="image size for --data")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.child:
         return child(a)
-    path = Path(a.dir) / f"fewshot-mmap-bench-{os.getpid()}.fsmm"
+    if a.data:
+        import shutil
+        cache_dir = Path(a.dir) / f"fewshot-mmap-bench-{os.getpid()}"
+        a.child = str(cache_dir)
+        t = time.perf_counter()
+        ds = open_data(a)
+        secs = time.perf_counter() - t
+        (path,) = list(cache_dir.glob("*.fsmm"))
+        size, n = path.stat().st_size, ds.num_images
+        print(f"decoded {a.data} into {path}: {len(ds)} classes, {n} images of {ds.image_shape}, "
+              f"{size / 1e9:.2f} GB in {secs:.0f} s", flush=True)
+        del ds
+        remove = lambda: shutil.rmtree(cache_dir, ignore_errors=True)     # noqa: E731
+    else:
+        path = Path(a.dir) / f"fewshot-mmap-bench-{os.getpid()}.fsmm"
+        remove = lambda: path.unlink(missing_ok=True)                     # noqa: E731
     try:
-        n, size, secs = write_synthetic(path, a.size_gb)
-        print(f"wrote {path}: {n} images of {SHAPE}, {size / 1e9:.2f} GB in {secs:.1f} s "
-              f"({size / secs / 1e9:.2f} GB/s)", flush=True)
+        if not a.data:
+            n, size, secs = write_synthetic(path, a.size_gb)
+            print(f"wrote {path}: {n} images of {SHAPE}, {size / 1e9:.2f} GB in {secs:.1f} s "
+                  f"({size / secs / 1e9:.2f} GB/s)", flush=True)
+            a.child = str(path)
         limit = int(a.budget_gb * (1 << 30))
 
         def limited():
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", str(path), "--episodes", str(a.episodes),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--child", a.child, "--episodes", str(a.episodes),
                "--ways", str(a.ways), "--shots", str(a.shots), "--queries", str(a.queries)]
+        if a.data:
+            cmd += ["--data", a.data, "--size", str(a.size)]
         results = {}
         for cache_state, prepare in (("cold", evict), ("warm", warm)):
             prepare(path)
@@ -167,10 +198,10 @@ def main() -> None:
             results[cache_state] = json.loads(r.stdout.strip().splitlines()[-1])
         import torch
         torch.set_num_threads(1)
-        ref = reference(path, a.reference_gb, a) if a.reference_gb > 0 else []
+        ref = reference(a.reference_gb, a) if a.reference_gb > 0 else []
     finally:
         if not a.keep:
-            path.unlink(missing_ok=True)
+            remove()
     print(f"{machine()}; cache {size / 1e9:.2f} GB, the sampling process's address space limited (RLIMIT_AS) to "
           f"{a.budget_gb:g} GiB: the cache is {size / limit:.1f}x the limit; {a.episodes} episodes per sampler")
     print(f"child peak RSS right after importing torch + fewshot: {results['cold']['rss_after_import_mb']:.0f} MB")
