@@ -191,3 +191,25 @@ def test_cli_flat_folder_too_small_and_bad_split(tmp_path, capsys) -> None:
     assert main(base + ["--tasks", "cactus", "--split", "fraction:0.2"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--split fraction:0.2" in err and "unlabelled" in err
+
+
+def test_cactus_run_resumes_exactly(tmp_path, monkeypatch) -> None:
+    """10 episodes, then --resume to 20, equals 20 in one go; the resumed run reads its partitions from the
+    checkpoint (the embedding is not learned again: no cache to fall back on)."""
+    ds = make_synthetic(n_classes=8, per_class=12, size=16)
+    flat = tmp_path / "flat"
+    _write_flat(flat, ds)
+    spec = "cactus:embedding=pca,dim=8,k=8,partitions=4"
+    monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache-a"))
+    cfg = _cfg(str(flat), spec)
+    cfg.train.episodes, cfg.train.ckpt_every = 20, 10
+    whole = fs.fit(cfg, tmp_path / "whole", progress=False).method.state_dict()
+    monkeypatch.setenv("FEWSHOT_CACHE", str(tmp_path / "cache-b"))
+    cfg = _cfg(str(flat), spec)
+    cfg.train.episodes, cfg.train.ckpt_every = 10, 10
+    fs.fit(cfg, tmp_path / "parts", progress=False)
+    monkeypatch.setattr(U, "learn_embedding", lambda *a, **k: pytest.fail("resume learned the embedding again"))
+    cfg = _cfg(str(flat), spec)
+    cfg.train.episodes, cfg.train.ckpt_every = 20, 10
+    resumed = fs.fit(cfg, tmp_path / "parts", progress=False, resume=True).method.state_dict()
+    assert all(torch.equal(resumed[k], whole[k]) for k in whole)
