@@ -173,7 +173,8 @@ def measured_answer(ways: int, shots: int, minutes: Optional[float] = None,
     for e in sorted(at, key=lambda e: -e["mean"]):
         best.setdefault(e["method"], e)
     ranked = list(best.values())
-    return {"ways": near[0], "shots": near[1], "exact": d == 0, "ranked": ranked, "budget_note": budget_note}
+    return {"ways": near[0], "shots": near[1], "exact": d == 0, "ranked": ranked, "budget_note": budget_note,
+            "minutes": None if budget_note else minutes}
 
 
 @dataclass
@@ -242,7 +243,8 @@ def explain(rule: str, rule_reason: str, measured: dict, shots: int, train_examp
         return True, why + _caveats(measured, train_examples)
     ours = next((e for e in ranked if e["method"] == rule), None)
     if ours is None:
-        why = (f"the rule picks {rule} ({rule_reason}), but no {rule} run was recorded at {setting}"
+        within = f" trained within {measured['minutes']:g} min" if measured.get("minutes") is not None else ""
+        why = (f"the rule picks {rule} ({rule_reason}), but no {rule} run{within} was recorded at {setting}"
                + f"; the best recorded there is {top['method']}")
     else:
         gap = top["mean"] - ours["mean"]
