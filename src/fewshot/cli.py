@@ -98,7 +98,9 @@ def _add_dataclass_options(parser, cls, dest_prefix: str, skip=(), help_text: bo
                             help=f"{doc}{shown}".strip(), **kw)
 
 
-def _train_parser(sub, help_text: bool = True) -> None:
+def _train_parser(sub, help_text: bool = True, method: Optional[str] = None) -> None:
+    """The ``train`` subcommand; ``method``: list that method's options only (``fewshot train METHOD
+    --help``), else every registered method's."""
     from . import methods
     from .config import RunConfig
     from .train import TrainConfig
@@ -129,17 +131,25 @@ def _train_parser(sub, help_text: bool = True) -> None:
     tg = p.add_argument_group("training")
     _add_dataclass_options(tg, TrainConfig, "train_", skip=("precision", "channels_last", "seed"),
                            help_text=help_text)
-    mg = p.add_argument_group("method options (apply to the method that has them; defaults: "
-                              "`fewshot methods -v`)")
+    if method is not None:
+        mg = p.add_argument_group(f"{method} options ({methods.describe(method)})")
+    else:
+        mg = p.add_argument_group("method options (apply to the method that has them; defaults: "
+                                  "`fewshot methods -v`; `fewshot train METHOD --help`: that method's only)")
     meanings: dict = {}                      # option -> {its description: [methods that have it]}
-    for name in methods.available():
+    for name in ([method] if method is not None else methods.available()):
         cls = methods.get(name)
         docs = field_docs(cls.Config) if help_text else {}
         for f in dataclasses.fields(cls.Config):
             meanings.setdefault(f.name, {}).setdefault(docs.get(f.name, "method option"), []).append(name)
+    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+                for f in dataclasses.fields(methods.get(method).Config)} if method is not None else {}
     for name in sorted(meanings):
-        parts = [f"{doc} [{', '.join(who) if len(who) <= 3 else f'{len(who)} methods'}]"
-                 for doc, who in sorted(meanings[name].items(), key=lambda kv: -len(kv[1]))]
+        if method is not None:
+            parts = [f"{doc} (default: {defaults[name]})" for doc in meanings[name]]
+        else:
+            parts = [f"{doc} [{', '.join(who) if len(who) <= 3 else f'{len(who)} methods'}]"
+                     for doc, who in sorted(meanings[name].items(), key=lambda kv: -len(kv[1]))]
         mg.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, default=None, metavar=name.upper(),
                         help="; ".join(parts).replace("%", "%%"))
     p.set_defaults(func=cmd_train)
@@ -174,7 +184,7 @@ def cmd_train(a) -> int:
     from . import methods
     from .config import RunConfig
     from .rundir import check_out
-    from .run import PROTOCOL_DEFAULTS, adaptation_curve, adapts_in_environment, evaluate_run, fit, has_test_split
+    from .run import adaptation_curve, adapts_in_environment, evaluate_run, fit, has_test_split
     if a.resume and not a.out:
         raise FewshotError("--resume needs --out RUN_DIR (the run directory to continue)")
     out = Path(a.out or f"runs/{a.method or 'run'}")
@@ -189,18 +199,12 @@ def cmd_train(a) -> int:
     else:
         cfg = RunConfig.load(a.config) if a.config else RunConfig()
     if a.method:
-        mcls = methods.get(a.method)
+        methods.get(a.method)           # an unknown method: the error names the registered ones
         if (a.config or a.resume) and cfg.method != a.method:
             cfg.options = {}
         cfg.method = a.method
-        if not a.config and not from_run:
-            # start from the settings the literature uses with this method; flags below override them
-            for k, v in mcls.run_defaults.items():
-                if k == "train":
-                    for tk, tv in v.items():
-                        setattr(cfg.train, tk, tv)
-                elif PROTOCOL_DEFAULTS.get(k, object()) != v:   # the protocol's own value: left to be derived
-                    setattr(cfg, k, v)
+        # without --config the method's literature settings (run_defaults) fill what the flags below leave
+        # unset: fit applies them (fewshot.run.apply_run_defaults), as for the Python API
     elif not a.config and not from_run:
         raise FewshotError("name a method (see `fewshot methods`) or pass --config")
     for k, v in vars(a).items():
@@ -338,13 +342,14 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"fewshot: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser(help_text: bool = True) -> argparse.ArgumentParser:
-    """The ``fewshot`` parser; ``help_text=False`` skips reading the option descriptions from the sources."""
+def build_parser(help_text: bool = True, method: Optional[str] = None) -> argparse.ArgumentParser:
+    """The ``fewshot`` parser; ``help_text=False`` skips reading the option descriptions from the sources;
+    ``method``: ``train`` lists only that method's options."""
     from . import __version__
     p = _Parser(prog="fewshot", description="Few-shot and meta-learning on PyTorch.")
     p.add_argument("--version", action="version", version=f"fewshot {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
-    _train_parser(sub, help_text)
+    _train_parser(sub, help_text, method)
 
     e = sub.add_parser("eval", help="accuracy ± 95%% CI on held-out classes, or Lake's one-shot runs",
                        description="Evaluate a run on fixed-seed episodes from held-out classes (the run's "
@@ -434,9 +439,18 @@ def _broken_pipe() -> int:
     return 128 + 13
 
 
+def _named_method(argv: List[str]) -> Optional[str]:
+    """The registered method ``fewshot train METHOD ...`` names, if any."""
+    if len(argv) < 2 or argv[0] != "train":
+        return None
+    from . import methods
+    return argv[1] if argv[1] in methods.available() else None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(help_text=any(str(a) in ("-h", "--help") for a in argv))
+    wants_help = any(str(a) in ("-h", "--help") for a in argv)
+    parser = build_parser(help_text=wants_help, method=_named_method(argv) if wants_help else None)
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()

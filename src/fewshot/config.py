@@ -301,7 +301,7 @@ def check_fields(obj, free=()) -> None:
                 raise FewshotError(f"unknown {f.name} {value!r} ({_flag(f.name)}); choose from "
                                    f"{', '.join(options)}")
             raise _bad(f.name, " or ".join(map(str, options)), value)
-        setattr(obj, f.name, value)
+        object.__setattr__(obj, f.name, value)      # normalised, not set by the user (fewshot.explicit)
 
 
 def check_size(size) -> tuple:

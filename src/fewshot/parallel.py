@@ -157,7 +157,7 @@ def _serve() -> None:
     tune_allocator()
     inp, out = sys.stdin.buffer, sys.stdout.buffer
     init = _recv(inp)
-    method = methods.build(init["method"], init["in_shape"], **init["config"])
+    method = methods.build(init["method"], init["in_shape"], load_pretrained=False, **init["config"])
     method.config.vectorize = "loop"
     layout, dtype = None, torch.float32
     while True:

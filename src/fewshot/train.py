@@ -33,6 +33,7 @@ from . import checkpoint, rundir
 from .episodes import EpisodeSampler
 from .errors import FewshotError
 from .evaluate import evaluate
+from .explicit import tracks_explicit
 from .models import set_channels_last
 from .precision import autocast
 
@@ -45,6 +46,7 @@ CSV_FIELDS = ["step", "kind", "loss", "acc", "lr", "val_acc", "val_ci", "val_los
 EXPLOSION_FACTOR, EXPLOSION_FLOOR = 100.0, 1.0
 
 
+@tracks_explicit
 @dataclass
 class TrainConfig:
     episodes: int = 2000            #: optimiser steps (each on a batch of ``batch`` tasks)
@@ -321,9 +323,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                     logger.write({**{k: round(float(v), 6) for k, v in metrics.items()},
                                   "step": step, "kind": "train", "loss": round(loss_value, 6), "lr": lr,
                                   "elapsed_s": round(elapsed, 3)})
-                    score = {"mse": f"{metrics['mse']:.3f}"} if "mse" in metrics else \
-                        {"bits": f"{metrics['bits']:.2f}"} if "bits" in metrics else \
-                        {"acc": f"{metrics.get('acc', 0):.3f}"}
+                    # the method's own metrics, whatever it names them (acc, mse, bits, return, ...)
+                    score = {k: f"{float(v):.3g}" for k, v in list(metrics.items())[:3] if k not in ("loss", "lr")}
                     bar.set_postfix(loss=f"{loss_value:.3f}", **score, lr=f"{lr:.2g}")
                 bar.update(1)
                 if val_sampler is not None and config.val_every and \
