@@ -168,16 +168,20 @@ def main() -> None:
     if unknown:
         ap.error(f"unknown --configs {', '.join(unknown)}; choose from {', '.join(CONFIGS)}")
     runs: dict = {}          # (order, key) -> one result per round; key: "peer", "control" or a config name
-    for _ in range(a.repeats):
+
+    def record(key, r, rnd):
+        runs.setdefault(key, []).append(r)
+        print(f"# round {rnd + 1}, {key[0]} order, {key[1]}: " + json.dumps(r), flush=True)
+
+    for rnd in range(a.repeats):
         for order in ("second", "first"):
             if not a.no_peer and a.device == "cpu":
-                runs.setdefault((order, "peer"), []).append(run_peer(a.iters, order == "first"))
+                record((order, "peer"), run_peer(a.iters, order == "first"), rnd)
                 if not a.no_control:
-                    runs.setdefault((order, "control"), []).append(
-                        run_peer(a.iters, order == "first", tuned=True))
+                    record((order, "control"), run_peer(a.iters, order == "first", tuned=True), rnd)
             for n in names:
                 if CONFIGS[n][1] == (order == "first"):
-                    runs.setdefault((order, n), []).append(run_ours(n, a.iters, a.data, a.device))
+                    record((order, n), run_ours(n, a.iters, a.data, a.device), rnd)
     rows = []
     for order in ("second", "first"):
         peer = _merge(runs.get((order, "peer")))

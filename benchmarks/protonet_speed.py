@@ -8,11 +8,12 @@ on the same Conv-4 and episode shape, so the speed claim is a ratio from the sam
 (``common.ISA_ENV``): an AVX2-only CPU's code paths on a newer part.
 
 usage: python benchmarks/protonet_speed.py [--steps 40] [--peer-episodes 200] [--isa native|avx2] [--no-peer]
-       [--precisions fp32,bf16]
+       [--precisions fp32,bf16] [--repeats 1]
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--isa", choices=list(ISA_ENV), default="native",
                     help="instruction set ATen/oneDNN/MKL may use, for every process of the run (peer included)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="rounds of the peer and every configuration, in turn (medians; ratios within a round)")
     ap.add_argument("--precisions", default="fp32,bf16",
                     help="precisions to time (bf16 without bf16 units takes minutes a step: leave it out there)")
     a = ap.parse_args()
@@ -73,22 +76,32 @@ def main() -> None:
     sps = sampler_speed(train)
     rows.append(["sampler only (60w5s5q, uint8 -> fp32)", f"{sps:.0f}", "", ""])
     print(f"sampler: {sps:.0f} episodes/s", flush=True)
-    peer = None if a.no_peer else peer_protonet_train_speed(a.peer_episodes)
-    if peer is not None:
-        rows.append([f"easyfsl 1.5.0 PrototypicalNetworks, fp32 ({a.peer_episodes} episodes)", f"{peer:.2f}",
-                     "1.00x", "peer, same run"])
-        print(f"peer easyfsl: {peer:.2f} episodes/s", flush=True)
     cpu = torch.device("cpu")
     auto = (resolve_precision("auto", cpu), resolve_channels_last("auto", cpu))
-    for prec, cl in [(p, c) for p in a.precisions.split(",") for c in (False, True)]:
-        v = train_speed(train, prec, cl, a.steps)
-        ratio = f"{v / peer:.2f}x" if peer else "n/a"
-        rows.append([f"fewshot protonet, {prec}, {'channels-last' if cl else 'NCHW'}", f"{v:.2f}", ratio,
-                     "auto on this CPU" if (prec, cl) == auto else ""])
-        print(f"ours {prec} cl={cl}: {v:.2f} episodes/s", flush=True)
+    combos = [(p, c) for p in a.precisions.split(",") for c in (False, True)]
+    peers, ours = [], {k: [] for k in combos}
+    for rnd in range(a.repeats):          # rounds: the peer, then each of ours; ratios within a round
+        peers.append(None if a.no_peer else peer_protonet_train_speed(a.peer_episodes))
+        if peers[-1] is not None:
+            print(f"round {rnd + 1}: peer easyfsl: {peers[-1]:.2f} episodes/s", flush=True)
+        for prec, cl in combos:
+            ours[(prec, cl)].append(train_speed(train, prec, cl, a.steps))
+            print(f"round {rnd + 1}: ours {prec} cl={cl}: {ours[(prec, cl)][-1]:.2f} episodes/s", flush=True)
+    if peers[0] is not None:
+        rows.append([f"easyfsl 1.5.0 PrototypicalNetworks, fp32 ({a.peer_episodes} episodes)",
+                     f"{statistics.median(peers):.2f}", "1.00x", "peer, same run"])
+    for prec, cl in combos:
+        v = ours[(prec, cl)]
+        if peers[0] is not None:
+            r = [o / p for o, p in zip(v, peers)]
+            ratio = f"{statistics.median(r):.2f}x" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else "")
+        else:
+            ratio = "n/a"
+        rows.append([f"fewshot protonet, {prec}, {'channels-last' if cl else 'NCHW'}",
+                     f"{statistics.median(v):.2f}", ratio, "auto on this CPU" if (prec, cl) == auto else ""])
     print()
-    print(table(rows, ["what (Conv-4, 60-way 5-shot 5-query, Omniglot 28x28)", "episodes/s", "vs easyfsl",
-                       "note"]))
+    print(table(rows, ["what (Conv-4, 60-way 5-shot 5-query, Omniglot 28x28)", f"episodes/s (median of {a.repeats})",
+                       "vs easyfsl (same round; range)", "note"]))
 
 
 if __name__ == "__main__":

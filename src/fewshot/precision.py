@@ -80,7 +80,7 @@ def cpu_isa(hardware: str | None = None, environ=None, aten: str | None = None) 
 
 #: what ``precision: auto`` and ``channels_last: auto`` pick on a CPU of each tier, from measurements of the
 #: Conv-4 protonet step and the MAML task loop (BENCHMARKS.md, "What auto picks"): bf16 autocast only where
-#: oneDNN has bf16 instructions (without them a bf16 convolution is emulated, 15-40x slower than fp32);
+#: the CPU has bf16 instructions (without them oneDNN has no native bf16 convolution: 15-50x slower than fp32);
 #: channels-last wherever oneDNN's AVX2/AVX-512 kernels run (its NHWC convolutions need no blocked-layout
 #: reorders and its max-pool is faster), NCHW on CPUs without AVX2.
 AUTO_CPU = {
