@@ -170,6 +170,12 @@ def test_batch_norm_modes_on_any_module() -> None:
         fs.methods.build("maml", (1, 6, 6), backbone=BNNet(), outputs=3, bn="none")
     plain = nn.Sequential(nn.Flatten(), nn.Linear(36, 8), nn.ReLU(), nn.Linear(8, 3))
     fs.methods.build("maml", (1, 6, 6), backbone=plain, outputs=3, bn="none").loss(ep)[0].backward()
+    # bf16 autocast (fp32 affine weights, bf16 activations) under vmap, as --precision bf16 runs it
+    v = fs.methods.build("maml", (1, 6, 6), backbone=BNNet(), outputs=3, vectorize="vmap")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = v.loss(ep)
+    loss.backward()
+    assert torch.isfinite(v.net.body.bn.weight.grad).all()
 
 
 def test_anil_boil_heads_and_cavia_context_on_any_module() -> None:

@@ -104,3 +104,48 @@ def test_a_new_method_is_one_file(tmp_path, monkeypatch) -> None:
         pkg._REGISTRY.pop("contract-probe", None)
         sys.modules.pop("fewshot.methods.contract_probe", None)
         importlib.invalidate_caches()
+
+
+def test_method_figure_helpers_import_nothing_of_the_project() -> None:
+    import ast
+    import fewshot.figures as figures
+    tree = ast.parse(open(figures.__file__).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("fewshot"), node.module
+        elif isinstance(node, ast.Import):
+            assert not any(a.name.startswith("fewshot") for a in node.names)
+    for name in ("pyplot", "save_figure", "tsne_real_vs_hallucinated"):
+        assert callable(getattr(figures, name)) and not name.startswith("_")
+
+
+def test_train_method_help_lists_that_methods_options_only(capsys) -> None:
+    from fewshot.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["train", "maml", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    assert "--inner-lr" in out and "--backbone" in out and "--pretrained" in out and "--head" in out
+    assert "--distance" not in out and "--fce" not in out and "--memory-size" not in out
+    assert "inner-loop step size (alpha) (default: 0.4)" in out
+
+
+def test_run_defaults_apply_in_the_python_api_as_on_the_command_line(tmp_path) -> None:
+    """fs.fit(RunConfig(method="maml")) trains with maml's literature settings (5-way, meta-batch 32, no
+    schedule), not RunConfig's protonet ones (60-way, batch 1); what the user sets stays."""
+    import fewshot as fs
+    from fewshot.run import apply_run_defaults
+    ds = make_synthetic(n_classes=12, per_class=10, size=16)
+    cfg = fs.RunConfig(method="maml", queries=2, val_fraction=0.0, split="none", device="cpu",
+                       options={"vectorize": "loop", "workers": 1},
+                       train=fs.TrainConfig(episodes=1, val_every=0))
+    run = fs.fit(cfg, tmp_path / "m", progress=False, dataset=ds)
+    assert (run.config.ways, run.config.batch, run.config.queries) == (5, 32, 2)
+    assert run.config.train.schedule == "none" and run.method.config.outputs == 5
+    kept = fs.RunConfig(method="maml", ways=60, batch=1)
+    kept.train.schedule = "step"
+    apply_run_defaults(kept)
+    assert (kept.ways, kept.batch, kept.shots, kept.train.schedule) == (60, 1, 1, "step")
+    recipe = fs.RunConfig.from_dict({"method": "maml"})        # a recipe is complete as written
+    apply_run_defaults(recipe)
+    assert (recipe.ways, recipe.batch) == (60, 1)

@@ -125,7 +125,11 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
                     losses.extend((-scores).tolist())
                     continue
                 with autocast(device, precision):
-                    logits = method.predict_episode(part)       # a Method (or its TTA wrapper): see base.py
+                    # a Method (or its TTA wrapper) declares predict_episode; any module with predict works too
+                    if hasattr(method, "predict_episode"):
+                        logits = method.predict_episode(part)
+                    else:
+                        logits = method.predict(part.support_x, part.support_y, part.query_x, part.ways)
                 logits = logits.float()
                 qy = ep.query_y[sl]
                 if own_metric:
@@ -150,7 +154,7 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
     accs, losses = accs[:episodes], losses[:episodes]
     m, ci, sd = mean_ci(accs)
     res = EvalResult(m, ci, sd, len(accs), sampler.ways, sampler.shots, sampler.queries, sampler.seed,
-                     mode=method.inference_mode, loss=sum(losses) / len(losses),
+                     mode=getattr(method, "inference_mode", "inductive"), loss=sum(losses) / len(losses),
                      accuracies=accs,
                      metric=own_metric or ("mse" if regression else "accuracy"),
                      metric_label=getattr(sampler, "metric_label", "") if own_metric else "", tta=tta,

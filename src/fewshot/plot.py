@@ -10,20 +10,15 @@ from typing import List, Optional
 import torch
 
 from .data.images import to_float
+from .figures import pyplot, save_figure, tsne_real_vs_hallucinated  # noqa: F401  (methods' helpers)
 
 
 def _plt():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+    return pyplot()
 
 
 def _save(plt, fig, out: Path) -> Path:
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    save_figure(plt, fig, out)
     from .rundir import record
     record(out)                 # a file fewshot wrote in the run folder (replaced by --overwrite)
     return out
@@ -111,32 +106,6 @@ def tsne_embeddings(run, ds, out: Path, max_classes: int = 10, per_class: int = 
     ax.set_yticks([])
     ax.set_title(f"t-SNE of {run.method.name} embeddings: {n} held-out classes")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
-    return _save(plt, fig, out)
-
-
-def tsne_real_vs_hallucinated(real: torch.Tensor, real_y: torch.Tensor, fake: torch.Tensor, fake_y: torch.Tensor,
-                              names: List[str], out: Path, title: str = "real vs hallucinated features",
-                              seed: int = 0) -> Path:
-    """One t-SNE of real features ``[R, D]`` (dots) and generated ones ``[F, D]`` (crosses), labels
-    ``0..len(names)-1``; one colour per class for both kinds (data hallucination's plot)."""
-    from sklearn.manifold import TSNE
-    z = torch.cat([real.float().flatten(1), fake.float().flatten(1)]).numpy()
-    perplexity = max(2.0, min(30.0, (len(z) - 1) / 3))
-    e = TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z)
-    er, ef = e[:len(real)], e[len(real):]
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 6))
-    cmap = plt.get_cmap("tab10" if len(names) <= 10 else "tab20")
-    for i, name in enumerate(names):
-        c = cmap(i % cmap.N)
-        r = (real_y == i).nonzero().flatten().numpy()
-        f = (fake_y == i).nonzero().flatten().numpy()
-        ax.scatter(er[r, 0], er[r, 1], s=16, color=c, marker="o", label=f"{name[:24]} (real)")
-        ax.scatter(ef[f, 0], ef[f, 1], s=22, color=c, marker="x", label=f"{name[:24]} (hallucinated)")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1, 0.5), frameon=False)
     return _save(plt, fig, out)
 
 
@@ -269,6 +238,7 @@ def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Pat
     """Write the run's plots under ``RUN/plots``; returns the files written."""
     from . import tasks
     from .methods.base import Method
+    from .rundir import record
     from .run import task_family, test_classes
     out_dir = Path(run.path) / "plots"
     written = []
@@ -283,5 +253,7 @@ def plot_run(run, data: Optional[str] = None, max_classes: int = 10) -> List[Pat
     ds = test_classes(run, data)
     if type(run.method).embed is not Method.embed:
         written.append(tsne_embeddings(run, ds, out_dir / "tsne_test_classes.png", max_classes=max_classes))
-    written.extend(run.method.extra_plots(run, ds, out_dir))
-    return written
+    extra = list(run.method.extra_plots(run, ds, out_dir))
+    for path in extra:                  # fewshot's files in the run folder, for --overwrite
+        record(path)
+    return written + extra

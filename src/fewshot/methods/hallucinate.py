@@ -178,7 +178,7 @@ class HallucinationProtoNet(Method):
         up to 5 classes, 20 real images each, M features per class grown from the first K (the run's shots)
         images with the evaluation noise (M = 10 when the run uses m = 0)."""
         from ..data.images import to_float
-        from ..plot import tsne_real_vs_hallucinated
+        from ..figures import tsne_real_vs_hallucinated
         g = torch.Generator().manual_seed(0)
         n = min(5, len(dataset))
         classes = torch.randperm(len(dataset), generator=g)[:n].tolist()

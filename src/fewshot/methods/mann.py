@@ -402,13 +402,13 @@ class MANN(Method):
         """``instance_accuracy.png``: accuracy by instance number 1..10 on held-out classes (200 sequences
         of 5 classes x 10 images, or fewer images where the classes are smaller); with memory also
         ``memory_access.png``: read and write weights and usage over one sequence."""
-        from ..plot import _plt, _save
+        from ..figures import pyplot, save_figure
         ways = min(self.config.classes, 5, len(dataset))
         per_class = int(min(10, int(dataset.counts.min())))
         ks = list(range(1, per_class + 1))
         res = self.evaluate_instances(dataset, episodes=200, ways=ways, per_class=per_class, instances=ks,
                                       device=run.device)
-        plt = _plt()
+        plt = pyplot()
         fig, ax = plt.subplots(figsize=(6, 4))
         ax.errorbar(ks, [res[k]["acc"] for k in ks], yerr=[res[k]["ci95"] for k in ks], marker="o", capsize=3,
                     label=self.name + ("" if self.config.memory else " (LSTM)"))
@@ -418,13 +418,13 @@ class MANN(Method):
         ax.set_ylim(0, 100)
         ax.legend()
         ax.set_title(f"{Path(run.path).name}: {ways} held-out classes x {per_class} images")
-        written = [_save(plt, fig, Path(out_dir) / "instance_accuracy.png")]
+        written = [save_figure(plt, fig, Path(out_dir) / "instance_accuracy.png")]
         if self.config.memory:
             written.append(self._access_plot(run, dataset, ways, per_class, Path(out_dir) / "memory_access.png"))
         return written
 
     def _access_plot(self, run, dataset, ways, per_class, out: Path) -> Path:
-        from ..plot import _plt, _save
+        from ..figures import pyplot, save_figure
         was = self.training
         self.eval()
         try:
@@ -440,7 +440,7 @@ class MANN(Method):
         usage = torch.stack(trace["usage"], 0)[:, 0].cpu()
         used = (write.amax(0) > 0.05) | (read.amax(0) > 0.05)
         cols = used.nonzero().flatten() if bool(used.any()) else torch.arange(read.shape[1])
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(14, 4.5), sharey=True)
         for ax, m, name in zip(axes, (read, write, usage), ("read weights", "write weights", "usage")):
             im = ax.imshow(m[:, cols].numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
@@ -452,7 +452,7 @@ class MANN(Method):
         axes[0].set_yticks(range(T))
         axes[0].set_yticklabels([str(int(v)) for v in ys[0].cpu()], fontsize=5)
         fig.suptitle(f"{Path(run.path).name}: memory access over one sequence of {ways} held-out classes")
-        return _save(plt, fig, out)
+        return save_figure(plt, fig, out)
 
 
 @register("mann-lstm")

@@ -229,7 +229,7 @@ class MetaLSTM(Method):
         """``metalstm_gates.png``: the mean input gate (learning rate) and forget gate over the inner steps,
         on 20 held-out tasks of the run's test setting (each task a thin line, their mean thick)."""
         from ..episodes import EpisodeSampler
-        from ..plot import _plt, _save
+        from ..figures import pyplot, save_figure
         from pathlib import Path
         cfg = run.config
         ways = min(int(cfg.test_ways), self.config.outputs, len(dataset))
@@ -251,7 +251,7 @@ class MetaLSTM(Method):
             self.train(was)
         if not steps:
             return []
-        plt = _plt()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
         t = list(range(1, steps + 1))
         for k, (ax, title) in enumerate(zip(axes, ("input gate i_t (learning rate)", "forget gate f_t"))):
@@ -263,4 +263,4 @@ class MetaLSTM(Method):
             ax.set_xticks(t if steps <= 20 else t[::max(1, steps // 10)])
             ax.set_title(f"mean {title} over coordinates")
         fig.suptitle(f"metalstm on {ep.batch} held-out {ways}-way {shots}-shot tasks")
-        return [_save(plt, fig, Path(out_dir) / "metalstm_gates.png")]
+        return [save_figure(plt, fig, Path(out_dir) / "metalstm_gates.png")]

@@ -37,6 +37,16 @@ from .backbones import feature_dim, find_head
 _NORMS = nn.modules.batchnorm._BatchNorm
 
 
+def _affine_dtype(mod: nn.Module, inputs):
+    """Batch norm on autocast's bf16 activations with fp32 affine weights: in the weights' dtype (mixed
+    dtypes have no ``vmap`` batching rule); the next autocast layer casts back."""
+    x = inputs[0]
+    w = mod.weight
+    if w is not None and x.dtype != w.dtype and x.is_floating_point():
+        return (x.to(w.dtype),) + tuple(inputs[1:])
+    return None
+
+
 class _StepStats:
     """One batch-norm layer's per-step running statistics, updated as :class:`~fewshot.models.meta.MetaNorm`
     updates its own (``update(step, mean, var)``, outside the functional transforms)."""
@@ -79,6 +89,7 @@ class FunctionalNet(nn.Module):
         for i, (n, m) in enumerate(norms):
             # batch statistics in training, no in-place updates of the module's own averages
             m.track_running_stats = False
+            m.register_forward_pre_hook(_affine_dtype)
             if bn == "running":
                 if m.running_mean is None:
                     raise FewshotError(f"backbone {self.label}: batch-norm layer {n} keeps no running "
