@@ -304,3 +304,37 @@ def test_a_file_factory_trains_from_the_command_line_and_records_it(tmp_path, ca
     assert isinstance(run.method.net, FunctionalNet) and run.method.net.head_prefix == "body.3."
     from fewshot.cli import main
     assert main(["eval", str(out), "--ways", "3", "--episodes", "5", "--no-progress"]) == 0
+
+
+def test_pretrained_and_freeze_from_the_command_line(tmp_path, capsys, image_root) -> None:
+    """--pretrained loads into the backbone before training and is recorded; --freeze all keeps it fixed;
+    a file that does not fit is one line naming the missing keys, exit 2, and no run folder."""
+    from fewshot.models.backbones import build_backbone
+    enc = build_backbone("conv4", (1, 16, 16), hidden=8)
+    with torch.no_grad():
+        for p in enc.parameters():
+            p.fill_(0.5)
+    path = tmp_path / "enc.pt"
+    save_weights(enc, path)
+    out = tmp_path / "run"
+    rc, cap = _train(capsys, "protonet", "--data", str(image_root), "--size", "16", "--ways", "3", "--queries", "2",
+                     "--episodes", "3", "--hidden", "8", "--backbone", "conv4", "--pretrained", str(path),
+                     "--freeze", "block3", "--out", str(out), "--no-eval")
+    assert rc == 0, cap.err
+    run = fs.load_run(out)
+    assert run.config.options["pretrained"] == str(path) and run.config.options["freeze"] == "block3"
+    feats = run.method.backbone.features
+    assert all(torch.all(p == 0.5) for i in range(12) for p in feats[i].parameters())   # loaded, kept fixed
+    assert not torch.all(feats[12].weight == 0.5)                                   # block4 trained
+    path.unlink()                       # the checkpoint holds the weights: the file is not needed to load
+    assert torch.equal(fs.load_run(out).method.backbone.features[0].weight, run.method.backbone.features[0].weight)
+    rc, cap = _train(capsys, "protonet", "--data", str(image_root), "--size", "16", "--episodes", "2",
+                     "--freeze", "all", "--out", str(tmp_path / "frozen"))
+    assert rc == 2 and "protonet has nothing to train: every parameter is frozen" in cap.err
+    assert cap.err.count("\n") == 1 and not (tmp_path / "frozen").exists()
+    wrong = tmp_path / "wrong.safetensors"
+    save_weights(nn.Sequential(nn.Linear(2, 2)), wrong)
+    rc, cap = _train(capsys, "protonet", "--data", str(image_root), "--size", "16", "--episodes", "2",
+                     "--pretrained", str(wrong), "--out", str(tmp_path / "bad"))
+    assert rc == 2 and cap.err.startswith("fewshot: error: weights file") and "missing keys (features.0" in cap.err
+    assert cap.err.count("\n") == 1 and not (tmp_path / "bad").exists()

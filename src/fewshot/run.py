@@ -381,6 +381,9 @@ def build_method(cfg: RunConfig, in_shape, backbone=None, load_pretrained: bool 
                            load_pretrained=load_pretrained, **opts)
     if backbone is not None:
         cfg.options["backbone"] = method.config.backbone
+    if not any(p.requires_grad for p in method.parameters()):
+        raise FewshotError(f"{cfg.method} has nothing to train: every parameter is frozen (--freeze "
+                           f"{cfg.options.get('freeze')}; freeze a stage instead, e.g. --freeze block3)")
     return method
 
 

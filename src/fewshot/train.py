@@ -91,6 +91,9 @@ class TrainResult:
 
 def make_optimizer(method, cfg: TrainConfig):
     params = [p for p in method.parameters() if p.requires_grad]
+    if not params:
+        raise FewshotError(f"{type(method).__name__} has nothing to train: every parameter is frozen "
+                           f"(--freeze all on an encoder leaves nothing; freeze a stage instead)")
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "rmsprop":

@@ -774,6 +774,19 @@ def stages(module: nn.Module) -> "OrderedDict[str, Tuple[str, ...]]":
     own = getattr(module, "stages", None)
     if callable(own):
         return own()
+    if isinstance(module, (Conv4, Conv1d)):     # fewshot's own encoders (the metric methods' conv4/conv1d)
+        return OrderedDict((f"block{i + 1}", (f"features.{4 * i}.", f"features.{4 * i + 1}."))
+                           for i in range(len(module.features) // 4))
+    if isinstance(module, MLP):
+        return OrderedDict((k, tuple(m + "." for m in v)) for k, v in MLPNet.stage_modules(module).items()
+                           if k != "fc")
+    from .meta import MetaConv4, MetaMLP
+    if isinstance(module, (MetaConv4, MetaMLP)):        # the gradient-based family's functional nets
+        parts, word = (module.convs, "block") if isinstance(module, MetaConv4) else (module.layers, "layer")
+        kind = "convs" if isinstance(module, MetaConv4) else "layers"
+        st = OrderedDict((f"{word}{i + 1}", (f"{kind}.{i}.", f"norms.{i}.")) for i in range(len(parts)))
+        st["head"] = ("head.",)
+        return st
     return OrderedDict((n, (n + ".",)) for n, _ in module.named_children())
 
 
