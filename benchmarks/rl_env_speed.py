@@ -2,7 +2,8 @@
 
 Navigation: ``B`` goals x ``R`` rollouts x 100 steps with a linear-Gaussian policy (what a meta-RL inner
 loop samples), one Python step per time step for all ``B x R`` robots; the same with a plain per-task
-Python loop (one task's ``R`` rollouts at a time) for comparison. Bandits: the classical policies'
+Python loop (one task's ``R`` rollouts at a time) for comparison; one MAML-RL meta-iteration with every task
+at once against the same algorithm run one task at a time. Bandits: the classical policies'
 cumulative reward on held-out arm distributions (k = 5 and 10, n = 100), the best printed beside.
 
 usage: python benchmarks/rl_env_speed.py [--tasks 1000] [--rollouts 40] [--bandit-tasks 1000]
@@ -14,8 +15,9 @@ import time
 
 import torch
 
-from common import machine, table
+from common import ROOT, machine, table
 
+from fewshot import tasks
 from fewshot.rl import BernoulliBandit, Navigation2D, compare, rollout
 
 
@@ -41,6 +43,28 @@ def nav_speed(tasks: int, rollouts: int, per_task: bool, repeats: int = 3) -> fl
     return tasks * rollouts * nav.horizon / best
 
 
+def meta_iteration_time(batch: int, rollouts: int, per_task: bool, repeats: int = 2) -> float:
+    """Seconds for one MAML-RL meta-gradient on navigation (``batch`` goals x ``rollouts`` rollouts, the
+    recipe's policy): every task at once, or the same algorithm one task at a time (gradients summed)."""
+    import fewshot as fs
+    cfg = fs.RunConfig.load(ROOT / "recipes" / "maml_navigation.yaml")
+    fam = tasks.make("navigation2d", rollouts, rollouts, batch=batch, seed=0)
+    torch.manual_seed(0)
+    m = fs.methods.build("maml", fam.in_shape, outputs=fam.outputs, **cfg.options)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if per_task:
+            for _ in range(batch):
+                loss, _ = m.loss(fam.sample(1))
+                (loss / batch).backward()
+        else:
+            loss, _ = m.loss(fam.sample())
+            loss.backward()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tasks", type=int, default=1000)
@@ -53,6 +77,12 @@ def main() -> None:
             ["navigation2d, loop over tasks", a.tasks // 10, a.rollouts,
              f"{nav_speed(a.tasks // 10, a.rollouts, True, repeats=1):,.0f}"]]
     print(table(rows, ["rollout", "tasks", "rollouts", "env steps/s"]))
+    vec, loop = meta_iteration_time(20, 20, False), meta_iteration_time(20, 20, True)
+    print(f"\n# MAML-RL meta-iteration on navigation (20 goals x 20 rollouts x 100 steps, before and after one "
+          "inner step; recipes/maml_navigation.yaml)")
+    print(table([["all tasks at once (fewshot)", f"{vec:.2f}", "1.00"],
+                 ["the same algorithm, one task at a time", f"{loop:.2f}", f"{loop / vec:.2f}"]],
+                ["meta-iteration", "seconds", "x the vectorised time"]))
     for k in (5, 10):
         bandit = BernoulliBandit(k, 100)
         tasks = bandit.sample_tasks(a.bandit_tasks, torch.Generator().manual_seed(2_000_003))
