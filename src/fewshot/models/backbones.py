@@ -89,6 +89,13 @@ def _image_shape(name: str, in_shape: Sequence[int], min_size: int = 1) -> Tuple
 
 
 # ------------------------------------------------------------------------------------------ the project's own
+def _block_stages(layers: int) -> "OrderedDict":
+    """Stages of fewshot's own block encoders (Conv4, Conv1d): each block's conv and norm, then the head."""
+    s = OrderedDict((f"block{i + 1}", (f"features.{4 * i}", f"features.{4 * i + 1}")) for i in range(layers))
+    s["fc"] = ("fc",)
+    return s
+
+
 class Conv4Net(Backbone, Conv4):
     """:class:`~fewshot.models.Conv4` (same parameter names) with a classifier head ``fc``.
 
@@ -106,10 +113,7 @@ class Conv4Net(Backbone, Conv4):
         return Conv4.forward(self, x)
 
     def stage_modules(self):
-        s = OrderedDict((f"block{i + 1}", (f"features.{4 * i}", f"features.{4 * i + 1}"))
-                        for i in range(self.layers))
-        s["fc"] = ("fc",)
-        return s
+        return _block_stages(self.layers)
 
 
 class MLPNet(Backbone, MLP):
@@ -157,10 +161,7 @@ class Conv1dNet(Backbone, Conv1d):
         return Conv1d.forward(self, x)
 
     def stage_modules(self):
-        s = OrderedDict((f"block{i + 1}", (f"features.{4 * i}", f"features.{4 * i + 1}"))
-                        for i in range(self.layers))
-        s["fc"] = ("fc",)
-        return s
+        return _block_stages(self.layers)
 
 
 # ------------------------------------------------------------------------------------------ ResNet-12
