@@ -24,6 +24,8 @@ buffer names exactly, so a torchvision ``state_dict`` loads into them as it is (
 """
 from __future__ import annotations
 
+import abc
+
 import hashlib
 import importlib
 import importlib.util
@@ -50,7 +52,7 @@ def _first_line(e: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------------------------ shared layout
-class Backbone:
+class Backbone(metaclass=abc.ABCMeta):
     """What the registered networks share (a mixin for ``nn.Module`` subclasses).
 
     The feature extractor is everything but ``fc``; :meth:`embed` runs it, ``forward`` adds the head.
@@ -60,19 +62,27 @@ class Backbone:
     head_name = "fc"
     features_dim: int  #: the size of the embedding (the input of ``fc``)
 
-    def embed(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - each network defines it
-        raise NotImplementedError
+    @abc.abstractmethod
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """The features of ``x`` (everything but the head)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.embed(x))
 
+    @abc.abstractmethod
     def stage_modules(self) -> "OrderedDict[str, Sequence[str]]":
         """Stage name -> names of the submodules it holds (input to output order; the head last)."""
-        raise NotImplementedError  # pragma: no cover
 
     def stages(self) -> "OrderedDict[str, Tuple[str, ...]]":
         """Stage name -> parameter-name prefixes, in input-to-output order, the head (``fc``) last."""
         return OrderedDict((k, tuple(m + "." for m in v)) for k, v in self.stage_modules().items())
+
+
+def _init_convs(module: nn.Module, nonlinearity: str = "relu", a: float = 0.0) -> None:
+    """He initialisation (fan-out) of every convolution in ``module``, as the ResNet papers use."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity=nonlinearity, a=a)
 
 
 def _head(features: int, outputs: Optional[int]) -> nn.Module:
@@ -253,9 +263,7 @@ class ResNet12(Backbone, nn.Module):
             h, w = h // 2, w // 2
         self.features_dim = chans[-1] * (h * w if pool == "flatten" else 1)
         self.fc = _head(self.features_dim, outputs)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="leaky_relu", a=0.1)
+        _init_convs(self, "leaky_relu", 0.1)
 
     def _schedule(self) -> None:
         rate = self.drop_rate
@@ -328,9 +336,7 @@ class ResNet(Backbone, nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.features_dim = cin
         self.fc = _head(cin, outputs)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
         if zero_init_residual:  # each residual branch starts at 0, so each block starts as the identity
             for m in self.modules():
                 if isinstance(m, BasicBlock):
@@ -410,9 +416,7 @@ class CifarResNet(Backbone, nn.Module):
             cin = width
         self.features_dim = cin
         self.fc = _head(cin, outputs)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu(self.bn1(self.conv1(x)))
@@ -474,9 +478,7 @@ class WideResNet(Backbone, nn.Module):
         self.bn = nn.BatchNorm2d(cin)
         self.features_dim = cin
         self.fc = _head(cin, outputs)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        _init_convs(self)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer3(self.layer2(self.layer1(self.conv1(x))))
