@@ -217,3 +217,11 @@ def drive_rows(script: str, a, keys: list, run_row, forward: list):
         *forward, "--threads", str(a.threads), "--out", str(out), "--results", str(results.path)],
         out, a.jobs, a.threads)
     return results, failed
+
+
+def exit_if_failed(failed: list, out) -> None:
+    """After a row benchmark's table: name the rows whose process failed (their logs are in ``out``) and
+    exit non-zero."""
+    if failed:
+        print(f"rows that failed: {', '.join(failed)} (see {out}/<row>.log)")
+        sys.exit(1)

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from common import ROOT, add_row_options, drive_rows, table
+from common import ROOT, add_row_options, drive_rows, exit_if_failed, table
 
 ROWS = {   # key: (label, method, options)
     "mil": ("MIL: MAML, behaviour-cloning loss, 1 step", "maml", {}),
@@ -59,9 +58,7 @@ def main() -> None:
              f"{r['success'][0]:.1f} ± {r['success'][1]:.1f}"] for r in results.latest(keys)]
     print(f"\n# 2-D reaching, one demonstration, closed-loop success on {a.tasks} held-out tasks (% ± 95% CI)")
     print(table(rows, ["policy", "training steps", "success %"]))
-    if failed:
-        print(f"rows that failed: {', '.join(failed)} (see {a.out}/<row>.log)")
-        sys.exit(1)
+    exit_if_failed(failed, a.out)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from common import add_row_options, drive_rows, table
+from common import add_row_options, drive_rows, exit_if_failed, table
 
 SETTINGS = {"bandit-k5": 5, "bandit-k10": 10}
 
@@ -78,9 +77,7 @@ def main() -> None:
         print(f"\n# Bernoulli bandit, k = {r['arms']}, n = 100: total reward per episode, {a.tasks} held-out "
               "tasks (mean ± 95% CI over tasks)")
         print(table(rows, ["policy", "total reward"]))
-    if failed:
-        print(f"rows that failed: {', '.join(failed)} (see {a.out}/<row>.log)")
-        sys.exit(1)
+    exit_if_failed(failed, a.out)
 
 
 if __name__ == "__main__":

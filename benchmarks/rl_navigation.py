@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
-from common import ROOT, add_row_options, drive_rows, table
+from common import ROOT, add_row_options, drive_rows, exit_if_failed, table
 
 STEPS = (0, 1, 2, 3)
 ROWS = {   # key: (label, method, options)
@@ -88,9 +87,7 @@ def main() -> None:
     print(f"\n# 2-D navigation, {a.goals} held-out goals, return after K policy-gradient steps (20 rollouts "
           "per step; mean ± 95% CI over goals)")
     print(table(rows, ["policy", "meta-steps", *(f"K = {k}" for k in STEPS)]))
-    if failed:
-        print(f"rows that failed: {', '.join(failed)} (see {a.out}/<row>.log)")
-        sys.exit(1)
+    exit_if_failed(failed, a.out)
 
 
 if __name__ == "__main__":

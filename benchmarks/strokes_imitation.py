@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from common import OMNIGLOT, TEST_ALPHABETS, add_row_options, drive_rows, table
+from common import OMNIGLOT, TEST_ALPHABETS, add_row_options, drive_rows, exit_if_failed, table
 
 MLP = {"backbone": "mlp", "mlp_hidden": [100, 100], "bn": "none", "loss": "mse"}
 ROWS = {   # key: (label, method, options)
@@ -81,9 +80,7 @@ def main() -> None:
     print(f"\n# Omniglot strokes, one demonstration, {a.tasks} held-out tasks ({'+'.join(TEST_ALPHABETS)}): mean "
           "distance of the drawing to the other drawers (± 95% CI; lower is better)")
     print(table(rows, ["policy", "training", "distance"]))
-    if failed:
-        print(f"rows that failed: {', '.join(failed)} (see {a.out}/<row>.log)")
-        sys.exit(1)
+    exit_if_failed(failed, a.out)
 
 
 if __name__ == "__main__":
