@@ -257,6 +257,23 @@ CASES = [
     Case("unknown-option", lambda c: c.train("--bogus", "1"), lambda c: ("--bogus",)),
     Case("unknown-method-option", lambda c: c.train("-O", "depth=3"), lambda c: ("'depth'",)),
     Case("malicious-pickle-checkpoint", _malicious_checkpoint, lambda c: ("cannot load checkpoint", "best.pt")),
+    # -------------------------------------------------- DEML's concept discriminator (fewshot.concept)
+    Case("concept-weight-negative", lambda c: c.train("--concept-data", c.images, "--concept-weight", "-1"),
+         lambda c: ("--concept-weight", "at least 0")),
+    Case("concept-batch-0", lambda c: c.train("--concept-data", c.images, "--concept-batch", "0"),
+         lambda c: ("--concept-batch", "at least 1")),
+    Case("concept-data-missing", lambda c: c.train("--concept-data", c.tmp / "nowhere"),
+         lambda c: ("--concept-data", str(c.tmp / "nowhere"))),
+    Case("concept-data-one-class",
+         lambda c: c.train("--concept-data", make_image_folder(c.tmp / "one", n_classes=1, per_class=4, size=16)),
+         lambda c: ("--concept-data", "1 class")),
+    Case("concept-data-on-a-task-family",
+         lambda c: ["train", "maml", "--data", "sine", "--out", c.tmp / "out", "--episodes", "2", "--batch", "2",
+                    "--val-every", "0", "--no-eval", "--no-progress", "--concept-data", c.images],
+         lambda c: ("--concept-data", "shape (1, 28, 28)", "(1,)")),
+    Case("concept-data-method-without-embedding",
+         lambda c: ["train", "contextual", "--data", c.images, "--out", c.tmp / "out", *TINY, "--concept-data",
+                    c.images], lambda c: ("--concept-data", "contextual")),
 ]
 
 

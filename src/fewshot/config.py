@@ -69,6 +69,12 @@ class RunConfig:
     #: labels; settings after a colon, e.g. cactus:embedding=pca,k=200) or umtra (augmentations of random
     #: images); the training images' labels are then never used (fewshot.unsupervised)
     tasks: str = "labels"
+    #: DEML (learning in concept space, fewshot.concept): an external labelled data set (a --data name such as
+    #: glyphs, or a path) whose classes a concept discriminator learns from the method's embedding, trained
+    #: with it; methods with an embedding only; unset = off
+    concept_data: Optional[str] = None
+    concept_weight: float = 1.0  #: DEML: lambda, the weight of the concept discriminator's loss (0: left out)
+    concept_batch: int = 64     #: DEML: external images per training step
     #: validation ways (default: 5, at most the validation classes and a fixed head's size)
     val_ways: Optional[int] = None
     val_shots: int = 1
@@ -84,6 +90,16 @@ class RunConfig:
     #: image (the run's augment transform, affine jitter if none) and average; 0 = off. Used by the final
     #: test, `fewshot eval` and `fewshot predict` unless they are given --tta
     tta: int = 0
+    #: test-time fine-tuning: Adam steps that adapt a copy of a metric method to each task's support set
+    #: (pseudo-episodes of jittered support copies, fewshot.finetune) before it predicts; 0 = off. Used by the
+    #: final test, `fewshot eval` and `fewshot predict` unless they are given --finetune-steps
+    finetune_steps: int = 0
+    finetune_lr: float = 1e-4   #: test-time fine-tuning: Adam learning rate (more than 0 when fine-tuning)
+    #: epochs of supervised pretraining before meta-training: the method's backbone and a linear classifier
+    #: over all training classes, on shuffled mini-batches of the training images (fewshot.pretrain); 0 = none
+    pretrain_epochs: int = 0
+    pretrain_lr: float = 1e-3   #: pretraining: Adam learning rate, cosine-annealed to 0 over the epochs
+    pretrain_batch: int = 64    #: pretraining: training images per mini-batch
     device: str = "auto"
     precision: str = "auto"     #: auto | fp32 | bf16 (resolved and recorded)
     channels_last: Any = "auto"  #: auto | true | false (resolved and recorded)
@@ -187,7 +203,8 @@ RANGES = {
     **{k: (1, None, "[)") for k in (
         "ways", "shots", "queries", "batch", "val_ways", "val_shots", "val_queries", "test_ways",
         "test_shots", "test_queries", "test_episodes", "episodes", "step_size", "val_episodes",
-        "ckpt_every", "log_every")},
+        "ckpt_every", "log_every", "pretrain_batch", "concept_batch")},
+    "pretrain_lr": (0, None, "()"),
     "lr": (0, None, "()"),
     "gamma": (0, None, "()"),
     "val_fraction": (0, 1, "[)"),
@@ -325,10 +342,14 @@ def check_config(cfg: "RunConfig") -> None:
     if not isinstance(cfg.channels_last, (bool, str)):
         raise _type_error("channels_last", "auto, true or false", cfg.channels_last)
     parse_split(cfg.split)
+    if cfg.finetune_steps and cfg.finetune_lr <= 0:
+        raise _bad("finetune_lr", "more than 0 when finetune_steps > 0", cfg.finetune_lr)
     from .unsupervised import parse_tasks
     parse_tasks(cfg.tasks)
     if cfg.attributes is not None and not cfg.attributes:
         raise FewshotError("attributes (--attributes) must name a CSV file")
+    if cfg.concept_data is not None and not cfg.concept_data:
+        raise FewshotError("concept_data (--concept-data) must name a data set or a path")
     mcls = methods.get(cfg.method)
     hints = typing.get_type_hints(mcls.Config)
     for key, value in list(cfg.options.items()):

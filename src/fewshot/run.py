@@ -6,6 +6,7 @@ A run directory holds ``config.yaml`` (resolved), ``classes_{train,val,test}.txt
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import sys
@@ -15,7 +16,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import checkpoint, data as fsdata, methods, rundir, tasks, unsupervised
+from . import checkpoint, concept, data as fsdata, distributed, methods, pretrain, rundir, tasks, unsupervised
 from .augment import build_transform
 from .config import RunConfig, parse_split
 from .data.dataset import ClassDataset
@@ -27,6 +28,7 @@ from .evaluate import EvalResult, evaluate
 from .models import set_channels_last
 from .precision import autocast, resolve_channels_last, resolve_device, resolve_precision
 from .train import TrainResult, train
+from .finetune import check_finetune, find_finetune, with_finetune
 from .tta import with_tta
 
 
@@ -146,7 +148,10 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
     run (more episodes, a longer time limit).
     """
     out = Path(out)
-    with rundir.RunFolder(out, resume=resume, overwrite=overwrite) as folder:
+    distributed.init(resolve_device(cfg.device))     # under torchrun: join the other ranks (else nothing)
+    with contextlib.ExitStack() as stack:   # rank 0 alone claims the folder; its refusal stops every rank
+        folder = distributed.on_main(lambda: stack.enter_context(
+            rundir.RunFolder(out, resume=resume, overwrite=overwrite)), "claiming the run folder")
         return _fit(cfg, out, folder, resume, progress, on_step, dataset, check_test, backbone)
 
 
@@ -169,7 +174,7 @@ def apply_run_defaults(cfg: RunConfig) -> None:
 def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, progress: bool, on_step,
          dataset: Optional[ClassDataset], check_test: bool, backbone=None) -> Run:
     """:func:`fit` inside its claimed run folder (nothing in ``out`` changes before ``folder.create``)."""
-    device = resolve_device(cfg.device)
+    device = distributed.init(resolve_device(cfg.device))       # cuda:LOCAL_RANK for a rank under torchrun
     cfg.precision = resolve_precision(cfg.precision, device)
     cfg.channels_last = resolve_channels_last(cfg.channels_last, device)
     cfg.train.precision, cfg.train.channels_last, cfg.train.seed = cfg.precision, cfg.channels_last, cfg.seed
@@ -200,6 +205,7 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
     torch.manual_seed(cfg.seed)
     # bad method options (and a backbone that cannot be built or does not fit) fail first, before --out changes
     method = build_method(cfg, ds.image_shape, backbone)
+    pretrain.check(method, cfg)
     # every sampler's shape is checked here, before the first step (the test one too, unless not wanted)
     if not cfg.train.val_every:
         val_ds = None
@@ -217,16 +223,23 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
                                       device=device, seed=1, **semi)
     if test_ds is not None and check_test:
         episode_sampler("test", test_ds, cfg.test_ways, cfg.test_shots, cfg.test_queries, dtype=None, **semi)
-    if chosen:
+    if chosen and distributed.is_main():
         print(f"fewshot: {chosen}", file=sys.stderr)
-    folder.create(cfg)          # creates, cleans and locks the folder, refuses changed settings on resume
-    for name, part in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
-        if part is not None:
-            folder.write_text(f"classes_{name}.txt", "".join(n + "\n" for n in part.names))
+
+    def prepare_folder() -> None:
+        folder.create(cfg)      # creates, cleans and locks the folder, refuses changed settings on resume
+        for name, part in (("train", train_ds), ("val", val_ds), ("test", test_ds)):
+            if part is not None:
+                folder.write_text(f"classes_{name}.txt", "".join(n + "\n" for n in part.names))
+    distributed.on_main(prepare_folder, "preparing the run folder")     # rank 0 writes, the others wait
     meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
+    # the pretraining stage (--pretrain-epochs); skipped by a resume past it
+    resume = pretrain.run_stage(method, train_ds, cfg, out, device, resume=resume, progress=progress,
+                                on_step=on_step)
     result = train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
                    progress=progress, on_step=on_step)
-    _post_train(cfg.method, out, train_ds, device, cfg.seed, backbone)
+    # rank 0 finishes the checkpoints before every rank reads the best one back
+    distributed.on_main(lambda: _post_train(cfg.method, out, train_ds, device, cfg.seed, backbone), "post_train")
     run = load_run(out, "best", device=device, backbone=_fresh(backbone))
     run.train_result = result
     return run
@@ -333,7 +346,7 @@ def _post_train(method: str, out: Path, train_ds: ClassDataset, device, seed: in
     for which in ("best", "last"):
         r = load_run(out, which, device=device, backbone=_fresh(backbone))
         info = r.method.post_train(train_ds, seed=seed)
-        r.checkpoint["model"] = r.method.state_dict()
+        r.checkpoint["model"] = {**r.checkpoint["model"], **r.method.state_dict()}   # other entries (DEML's) kept
         r.checkpoint["post_train"] = info
         checkpoint.save(r.checkpoint, out / "checkpoints" / f"{which}.pt")
 
@@ -357,15 +370,17 @@ def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, res
             setattr(cfg, key, EVAL_QUERIES)
     torch.manual_seed(cfg.seed)
     method = build_method(cfg, train_tasks.in_shape, backbone)
+    pretrain.check(method, cfg)
     val_sampler = None
     if cfg.train.val_every:
         val_sampler = tasks.make(cfg.data, cfg.val_shots, cfg.val_queries, device=device,
                                  seed=FAMILY_SEEDS["val"], ways=cfg.ways or None)
-    folder.create(cfg)
+    distributed.on_main(lambda: folder.create(cfg), "preparing the run folder")
     meta = {"preprocess": Preprocess(size=(0, 0), channels=0).to_dict(), "run_config": cfg.to_dict(),
             "data_source": cfg.data, "task_family": cfg.data, "in_shape_family": list(train_tasks.in_shape)}
     result = train(method, train_tasks, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
                    progress=progress, on_step=on_step)
+    distributed.barrier("waiting for rank 0's checkpoints")
     run = load_run(out, "best", device=device, backbone=_fresh(backbone))
     run.train_result = result
     return run
@@ -374,7 +389,8 @@ def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, res
 def build_method(cfg: RunConfig, in_shape, backbone=None, load_pretrained: bool = True):
     """``cfg.method`` built with ``cfg.options`` for inputs of ``in_shape``; ``backbone`` (a module or
     callable given in Python) replaces the options' spec, and what the method records for it (its class)
-    goes into ``cfg.options`` so that the run's config says what it was trained with."""
+    goes into ``cfg.options`` so that the run's config says what it was trained with. With
+    ``cfg.concept_data`` the method comes wrapped with DEML's concept discriminator (:mod:`fewshot.concept`)."""
     opts = dict(cfg.options)
     spec = opts.pop("backbone", None)
     method = methods.build(cfg.method, in_shape, backbone=backbone if backbone is not None else spec,
@@ -384,7 +400,7 @@ def build_method(cfg: RunConfig, in_shape, backbone=None, load_pretrained: bool 
     if not any(p.requires_grad for p in method.parameters()):
         raise FewshotError(f"{cfg.method} has nothing to train: every parameter is frozen (--freeze "
                            f"{cfg.options.get('freeze')}; freeze a stage instead, e.g. --freeze block3)")
-    return method
+    return concept.with_concept(method, cfg)     # DEML's discriminator when cfg.concept_data names a set
 
 
 # ------------------------------------------------------------------------------------------ load
@@ -400,7 +416,7 @@ def load_run(path: str | Path, which: str = "best", device=None, backbone=None) 
         if not path.is_dir():
             raise FewshotError(f"no such run directory: {path}")
         ck_path, run_dir = path / "checkpoints" / f"{which}.pt", path
-    dev = resolve_device(device or "auto")
+    dev = distributed.init(resolve_device(device or "auto"))      # cuda:LOCAL_RANK for a rank under torchrun
     ck = checkpoint.load(ck_path, map_location=dev)
     for key in ("method", "method_config", "in_shape", "model", "preprocess"):
         if key not in ck:
@@ -415,8 +431,8 @@ def load_run(path: str | Path, which: str = "best", device=None, backbone=None) 
     # the checkpoint holds every weight: a pretrained file is not read again
     method = methods.build(ck["method"], ck["in_shape"], backbone=backbone if backbone is not None else spec,
                            load_pretrained=False, **opts)
-    try:
-        method.load_state_dict(ck["model"])
+    try:     # a DEML run's checkpoint also holds its discriminator, which prediction does not need
+        method.load_state_dict(concept.method_state(ck["model"]) if cfg.concept_data else ck["model"])
     except RuntimeError as e:
         raise FewshotError(f"{ck_path} does not fit a {ck['method']} model of input shape "
                            f"{tuple(ck['in_shape'])}: {str(e).splitlines()[0]}") from None
@@ -461,18 +477,22 @@ def test_classes(run: Run, data: Optional[str] = None) -> ClassDataset:
 def evaluate_run(run: Run, data: Optional[str] = None, ways: Optional[int] = None, shots: Optional[int] = None,
                  queries: Optional[int] = None, episodes: int = 1000, seed: int = 0, progress: bool = True,
                  save: bool = True, unlabeled: Optional[int] = None, distractors: Optional[int] = None,
-                 tta: Optional[int] = None) -> EvalResult:
+                 tta: Optional[int] = None, finetune_steps: Optional[int] = None,
+                 finetune_lr: Optional[float] = None, baseline: bool = True) -> EvalResult:
     """Evaluate a run on held-out classes (or held-out tasks of a task family); writes
     ``eval/<N>w<K>s….json`` and the per-episode CSV. ``ways``/``shots``/``queries`` default to the run's
     test settings (``queries`` on other ``data``: :func:`default_queries` of that data);
-    ``unlabeled``/``distractors`` (semi-supervised episodes) and ``tta`` (test-time augmentation copies,
-    :mod:`fewshot.tta`) default to the run's settings too."""
+    ``unlabeled``/``distractors`` (semi-supervised episodes), ``tta`` (test-time augmentation copies,
+    :mod:`fewshot.tta`) and ``finetune_steps``/``finetune_lr`` (test-time fine-tuning, :mod:`fewshot.finetune`)
+    default to the run's settings too; a fine-tuned result is tagged ``-ft<S>lr<LR>`` so it does not replace
+    a plain one. ``baseline``: also score raw-pixel 1-NN on the same episodes (image classes only)."""
     cfg = run.config
     for flag, v in (("--ways", ways), ("--shots", shots), ("--queries", queries), ("--episodes", episodes)):
         if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
             raise FewshotError(f"{flag} must be at least 1, got {v!r}")
     family = task_family(run, data)
-    method, copies = tta_method(run, tta, family)
+    method, copies = tta_method(run, tta, family, finetune_steps, finetune_lr, seed)
+    tuned = find_finetune(method)
     shots = cfg.test_shots if shots is None else shots
     if family is not None:
         queries = queries or cfg.test_queries or EVAL_QUERIES
@@ -504,10 +524,12 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: Optional[int] = Non
             raise FewshotError(f"--ways {ways} --shots {shots} --queries {queries} episodes do not fit "
                                f"{data or 'the test classes'}: {e}") from None
         tag = (f"{ways}w{shots}s{queries}q" + (f"{u}u" if u else "") + (f"{d}d" if d else "") + f"-seed{seed}"
-               + ("" if data is None else "-" + Path(data).name) + (f"-tta{copies}" if copies else ""))
+               + ("" if data is None else "-" + Path(data).name) + (f"-tta{copies}" if copies else "")
+               + (f"-ft{tuned.steps}lr{tuned.lr:g}" if tuned is not None else ""))
+    save = save and distributed.is_main()       # under torchrun every rank scores, rank 0 writes
     csv_path = run.path / "eval" / f"{tag}.csv" if save else None
     res = evaluate(method, sampler, episodes, precision=run.precision, progress=progress, csv_path=csv_path,
-                   desc=f"eval {family}" if family is not None else f"eval {ways}w{shots}s")
+                   desc=f"eval {family}" if family is not None else f"eval {ways}w{shots}s", baseline=baseline)
     if save:
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
             {**res.summary(), "data": data or run.config.data, "classes": len(ds) if ds is not None else None,
@@ -557,15 +579,25 @@ def adaptation_curve(run: Run, data: Optional[str] = None, episodes: Optional[in
     return curve
 
 
-def tta_method(run: Run, tta: Optional[int], family: Optional[str] = None) -> tuple:
-    """``(method to predict with, copies)``: the run's method, wrapped for test-time augmentation when
-    ``tta`` (if given, else the run's own setting) asks for copies."""
+def tta_method(run: Run, tta: Optional[int], family: Optional[str] = None, finetune_steps: Optional[int] = None,
+               finetune_lr: Optional[float] = None, seed: int = 0) -> tuple:
+    """``(method to predict with, copies)``: the run's method, fine-tuned on each task's support set when
+    ``finetune_steps`` (if given, else the run's own setting) asks for steps (:mod:`fewshot.finetune`,
+    seeded by ``seed``), then wrapped for test-time augmentation when ``tta`` (if given, else the run's own
+    setting) asks for copies."""
     copies = run.config.tta if tta is None else int(tta)
     if copies < 0:
         raise FewshotError(f"--tta takes a number of copies >= 0, got {copies}")
     if copies and family is not None:
         raise FewshotError(f"test-time augmentation jitters images; the {family!r} tasks have none")
-    return with_tta(run.method, copies, run.config.augment), copies
+    steps = run.config.finetune_steps if finetune_steps is None else finetune_steps
+    lr = run.config.finetune_lr if finetune_lr is None else finetune_lr
+    check_finetune(steps, lr)
+    if steps and family is not None:
+        raise FewshotError(f"--finetune-steps: test-time fine-tuning adapts on jittered support images; the "
+                           f"{family!r} tasks have none")
+    tuned = with_finetune(run.method, steps, lr, run.config.augment, seed=seed)
+    return with_tta(tuned, copies, run.config.augment), copies
 
 
 def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: int = 0,
@@ -592,10 +624,13 @@ def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: 
 # ------------------------------------------------------------------------------------------ predict
 @torch.no_grad()
 def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[str | Path] = None,
-                tta: Optional[int] = None) -> list:
+                tta: Optional[int] = None, finetune_steps: Optional[int] = None,
+                finetune_lr: Optional[float] = None) -> list:
     """Label query images from a support folder (one subfolder of a few images per class).
 
-    ``tta``: test-time augmentation copies (:mod:`fewshot.tta`; default: the run's setting).
+    ``tta``: test-time augmentation copies (:mod:`fewshot.tta`; default: the run's setting);
+    ``finetune_steps``/``finetune_lr``: test-time fine-tuning on the support folder first
+    (:mod:`fewshot.finetune`; default: the run's setting; every class needs the same number of images).
 
     Returns [(query path, predicted class, probability)] and writes them as CSV when ``out_csv`` is given.
     """
@@ -614,7 +649,7 @@ def predict_run(run: Run, support: str, query: Sequence[str], out_csv: Optional[
     sx = to_float(sup.data).unsqueeze(0).to(run.device)
     sy = sup.labels().unsqueeze(0).to(run.device)
     qxf = to_float(qx).unsqueeze(0).to(run.device)
-    method, _ = tta_method(run, tta)
+    method, _ = tta_method(run, tta, finetune_steps=finetune_steps, finetune_lr=finetune_lr)
     with autocast(run.device, run.precision):
         logits = method.predict(sx, sy, qxf, len(sup))
     prob = logits.float().softmax(-1)[0]

@@ -100,8 +100,8 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         self.config = config
         self.in_shape = tuple(int(s) for s in in_shape)
         self._build = _BUILD.get()
-        #: the attribute holding the module :meth:`make_backbone` built (for pretrained weights and freezing)
-        self.backbone_attr: Optional[str] = None
+        # (module, head name) that make_backbone built; kept out of the module tree (it is a submodule already)
+        self.__dict__["_backbone_built"] = None
 
     # ---- what the data tells a method before it is built
     @classmethod
@@ -159,7 +159,34 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         if what and what != "none":
             # a whole network keeps its classifier head trainable (the declared one, else its last nn.Linear)
             freeze(net, what, head if head is not None or outputs is None else find_head(net))
+        self.__dict__["_backbone_built"] = (net, head if head is not None or outputs is None else find_head(net))
         return net
+
+    def _built(self) -> Optional[tuple]:
+        """``(module, head)`` recorded by :meth:`make_backbone` on this method or a method it holds."""
+        for m in self.modules():
+            built = m.__dict__.get("_backbone_built") if isinstance(m, Method) else None
+            if built is not None:
+                return built
+        return None
+
+    @property
+    def backbone_attr(self) -> Optional[str]:
+        """The dotted name (for ``get_submodule``) of the network :meth:`make_backbone` built: what
+        pretrained weights, freezing and the pretraining stage (:mod:`fewshot.pretrain`) act on; ``None``
+        for a method that built none."""
+        built = self._built()
+        if built is None:
+            return None
+        return next((n for n, m in self.named_modules() if m is built[0] and n), None)
+
+    @property
+    def backbone_head(self) -> Optional[str]:
+        """The name, inside the :attr:`backbone_attr` module, of its classifier head when that module is a
+        whole network with a head (the gradient-based family: the declared head, else its last
+        ``nn.Linear``); ``None`` for an encoder, whose output is the embedding."""
+        built = self._built()
+        return built[1] if built is not None else None
 
     @property
     def rebuildable(self) -> bool:
@@ -222,8 +249,16 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         return []
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Features of images ``[M, C, H, W]`` (for plots); methods without an embedding may skip it."""
+        """Features of images ``[M, C, H, W]`` (for plots, and the concept discriminator of
+        :mod:`fewshot.concept`, which trains through them); methods without an embedding may skip it."""
         raise FewshotError(f"method {self.name} has no embedding to plot")
+
+    @property
+    def has_embedding(self) -> bool:
+        """Whether :meth:`embed` gives features of the method's inputs, differentiable with respect to its
+        weights: ``True`` for every method that defines ``embed``. ``--concept-data`` (:mod:`fewshot.concept`)
+        applies to these methods only."""
+        return type(self).embed is not Method.embed
 
     def config_dict(self) -> dict:
         return asdict(self.config)
