@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 from pathlib import Path
@@ -152,6 +153,7 @@ def _train_parser(sub, help_text: bool = True, method: Optional[str] = None) -> 
                      for doc, who in sorted(meanings[name].items(), key=lambda kv: -len(kv[1]))]
         mg.add_argument("--" + name.replace("_", "-"), dest="opt_" + name, default=None, metavar=name.upper(),
                         help="; ".join(parts).replace("%", "%%"))
+    _launch_flags(p)
     p.set_defaults(func=cmd_train)
 
 
@@ -180,6 +182,40 @@ def _coerce_option(method: str, key: str, value):
     return value
 
 
+def _launch_flags(p) -> None:
+    """--nproc and the multi-node rendezvous flags of train and eval (fewshot.distributed)."""
+    g = p.add_argument_group("distributed (torch.distributed ranks started through torchrun's launcher)")
+    g.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run as N ranks on this machine, as `torchrun --nproc-per-node N -m fewshot ...` does "
+                        "(gloo on CPU, NCCL on CUDA; the global --batch is shared among them)")
+    g.add_argument("--nnodes", default="1", metavar="N",
+                   help="machines taking part (N or MIN:MAX), each starting the same command (default 1)")
+    g.add_argument("--rdzv-endpoint", default=None, metavar="HOST:PORT",
+                   help="the c10d rendezvous every node joins (with --nnodes > 1): the first node's address")
+    g.add_argument("--rdzv-id", default="fewshot", help="a name the nodes of one run share (default: fewshot)")
+
+
+def _launch(a) -> Optional[int]:
+    """With ``--nproc`` outside torchrun: start the ranks through torch.distributed.run and return their exit
+    status. ``None``: go on in this process (no --nproc, one rank, or already a rank torchrun started)."""
+    from . import distributed
+    single = str(a.nnodes).strip() in ("1", "1:1") and a.rdzv_endpoint is None
+    if a.nproc is None:
+        if not single:
+            raise FewshotError("--nnodes / --rdzv-endpoint start ranks on several machines: give --nproc too")
+        return None
+    if distributed.launched():      # a rank: the launcher already used --nproc
+        if a.nproc != int(os.environ.get("LOCAL_WORLD_SIZE", a.nproc)):
+            raise FewshotError(f"--nproc {a.nproc} differs from the {os.environ['LOCAL_WORLD_SIZE']} ranks per "
+                               "node torchrun started; give one of them")
+        return None
+    device = getattr(a, "run_device", None) or getattr(a, "device", None)
+    if a.nproc == 1 and single:
+        distributed.check_nproc(a.nproc, device)
+        return None
+    return distributed.launch(a.argv, a.nproc, a.nnodes, a.rdzv_endpoint, a.rdzv_id, device)
+
+
 def cmd_train(a) -> int:
     from . import methods
     from .config import RunConfig
@@ -187,6 +223,9 @@ def cmd_train(a) -> int:
     from .run import adaptation_curve, adapts_in_environment, evaluate_run, fit, has_test_split
     if a.resume and not a.out:
         raise FewshotError("--resume needs --out RUN_DIR (the run directory to continue)")
+    launched = _launch(a)
+    if launched is not None:
+        return launched
     out = Path(a.out or f"runs/{a.method or 'run'}")
     if a.out:
         check_out(out)                  # a file or an unwritable folder: an error before anything else
@@ -256,6 +295,8 @@ def cmd_train(a) -> int:
         res = evaluate_run(run, ways=cfg.test_ways, shots=cfg.test_shots, queries=cfg.test_queries,
                            episodes=cfg.test_episodes, progress=not a.no_progress)
         print(f"test {'accuracy' if res.metric == 'accuracy' else 'error'}: {res}")
+        if res.baseline is not None:
+            print(res.baseline_line())
     return 0
 
 
@@ -269,6 +310,9 @@ def cmd_eval(a) -> int:
     from .run import adaptation_curve, adapts_in_environment, evaluate_run, lake_eval, load_run, pair_metrics
     if a.pairs < 0:
         raise FewshotError(f"--pairs must be at least 0, got {a.pairs}")
+    launched = _launch(a)
+    if launched is not None:
+        return launched
     run = load_run(a.run, a.checkpoint, device=a.device)
     if a.lake_runs:
         res = lake_eval(run, a.lake_runs, tta=a.tta)
@@ -282,8 +326,11 @@ def cmd_eval(a) -> int:
         _print_curve(curve, a.episodes or run.config.test_episodes)
         return 0
     res = evaluate_run(run, a.data, a.ways, a.shots, a.queries, a.episodes, a.seed, progress=not a.no_progress,
-                       unlabeled=a.unlabeled, distractors=a.distractors, tta=a.tta)
+                       unlabeled=a.unlabeled, distractors=a.distractors, tta=a.tta,
+                       finetune_steps=a.finetune_steps, finetune_lr=a.finetune_lr, baseline=not a.no_baseline)
     print(res)
+    if res.baseline is not None:        # raw-pixel 1-NN on the same episodes: did the model learn anything?
+        print(res.baseline_line())
     pm = pair_metrics(run, a.data, a.pairs, a.seed) if a.pairs else None
     if pm is not None:      # methods that score pairs (siamese): verification metrics too
         print(f"binary accuracy: {pm['binary_acc']:.2f} ± {pm['binary_ci95']:.2f} % ({pm['pairs']} balanced "
@@ -299,7 +346,8 @@ def cmd_predict(a) -> int:
     from .run import load_run, predict_run
     run = load_run(a.run, a.checkpoint, device=a.device)
     out = a.out or (Path(a.run) / "predictions.csv" if Path(a.run).is_dir() else "predictions.csv")
-    rows = predict_run(run, a.support, a.query, out, tta=a.tta)
+    rows = predict_run(run, a.support, a.query, out, tta=a.tta, finetune_steps=a.finetune_steps,
+                       finetune_lr=a.finetune_lr)
     for path, label, p in rows:
         print(f"{path}\t{label}\t{p:.3f}")
     print(f"wrote {out}", file=sys.stderr)
@@ -373,8 +421,12 @@ def build_parser(help_text: bool = True, method: Optional[str] = None) -> argpar
     e.add_argument("--tta", type=int, default=None, metavar="M",
                    help="test-time augmentation: also predict from M jittered copies of every support and "
                         "query image and average (default: the run's setting, 0 = off)")
+    _finetune_flags(e)
+    e.add_argument("--no-baseline", action="store_true",
+                   help="do not score (or print) the raw-pixel nearest-neighbour baseline on the same episodes")
     e.add_argument("--lake-runs", help="Lake et al.'s all_runs.zip (or its folder): report error rates")
     _common(e)
+    _launch_flags(e)
     e.set_defaults(func=cmd_eval)
 
     pr = sub.add_parser("predict", help="label new images from a folder of a few labelled examples per class")
@@ -384,6 +436,7 @@ def build_parser(help_text: bool = True, method: Optional[str] = None) -> argpar
     pr.add_argument("--out", help="CSV to write (default: RUN/predictions.csv)")
     pr.add_argument("--tta", type=int, default=None, metavar="M",
                     help="test-time augmentation copies per image (default: the run's setting, 0 = off)")
+    _finetune_flags(pr)
     _common(pr)
     pr.set_defaults(func=cmd_predict)
 
@@ -420,6 +473,16 @@ def build_parser(help_text: bool = True, method: Optional[str] = None) -> argpar
     return p
 
 
+def _finetune_flags(p) -> None:
+    """--finetune-steps / --finetune-lr of eval and predict (fewshot.finetune)."""
+    p.add_argument("--finetune-steps", type=int, default=None, metavar="S",
+                   help="test-time fine-tuning: S Adam steps adapting a copy of the method to each task's "
+                        "support set (jittered support copies as pseudo-queries) before predicting; metric "
+                        "methods only (default: the run's setting, 0 = off)")
+    p.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
+                   help="test-time fine-tuning learning rate (default: the run's setting, 1e-4)")
+
+
 def _common(p) -> None:
     p.add_argument("--checkpoint", default="best", choices=["best", "last"])
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: auto)")
@@ -447,11 +510,20 @@ def _named_method(argv: List[str]) -> Optional[str]:
     return argv[1] if argv[1] in methods.available() else None
 
 
+def _rank_tag() -> str:
+    """``"rank N: "`` in a rank other than 0 that torchrun started (whose messages rank 0 usually repeats)."""
+    rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+    return "" if rank == "0" else f"rank {rank}: "
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     wants_help = any(str(a) in ("-h", "--help") for a in argv)
     parser = build_parser(help_text=wants_help, method=_named_method(argv) if wants_help else None)
     args = parser.parse_args(argv)
+    args.argv = argv            # what --nproc hands to each rank it starts
+    if _rank_tag():
+        sys.stdout = open(os.devnull, "w")      # rank 0 prints the results; errors still show on stderr
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
@@ -460,8 +532,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         sys.stdout.flush()          # a closed pipe shows here, not at interpreter exit
         return status
     except FewshotError as e:
-        print(f"fewshot: error: {e}", file=sys.stderr)
+        print(f"fewshot: error: {_rank_tag()}{e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        from .distributed import DistributedError
+        if not isinstance(e, DistributedError):
+            raise
+        print(f"fewshot: error: {e}", file=sys.stderr)     # a rank stopped: not the user's error, one line too
+        return 1
     except BrokenPipeError:
         return _broken_pipe()
     except KeyboardInterrupt as e:

@@ -8,8 +8,15 @@ imitation success) has ``sampler.evaluate_episode(method, episode)``, and says `
 
 Episodes are drawn in batches of :data:`EVAL_BATCH` tasks from a sampler reset to its seed, so every
 method is scored on exactly the same episodes whatever its memory needs (``chunk`` only splits the
-forward passes). Batch norm runs in evaluation mode (running statistics: inductive) unless the method says
-otherwise (``method.inference_mode``: MAML with transductive batch norm reports "transductive").
+forward passes). Under torchrun every rank draws each batch and scores its share of the tasks, and the
+scores are gathered in episode order (:mod:`fewshot.distributed`): the numbers of one process (test-time
+augmentation and fine-tuning draw their random numbers per rank, so with them the jitter differs).
+Batch norm runs in evaluation mode (running statistics: inductive) unless the method says otherwise
+(``method.inference_mode``: MAML with transductive batch norm reports "transductive").
+
+Classification episodes of image (or feature-map) classes are also scored by the raw-pixel nearest-neighbour
+baseline (:func:`pixel_nn_accuracy`) on the very same episode tensors, so ``EvalResult.baseline`` says at once
+whether the method learned anything beyond pixel matching.
 """
 from __future__ import annotations
 
@@ -24,8 +31,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .episodes import EpisodeSampler
+from . import distributed
 from .errors import FewshotError
 from .precision import autocast
+from .tasks.base import TaskFamily
+from .finetune import find_finetune
 from .tta import TestTimeAugment
 
 EVAL_BATCH = 25
@@ -49,6 +59,11 @@ class EvalResult:
     metric_label: str = ""     #: how a family's own metric reads, e.g. "bits wrong per sequence"
     tta: int = 0               #: test-time augmentation copies per image (0: none; see fewshot.tta)
     higher_is_better: bool = False   #: a family's own metric that grows with quality (an RL return)
+    finetune_steps: int = 0    #: test-time fine-tuning steps per task (0: none; see fewshot.finetune)
+    finetune_lr: float = 0.0   #: test-time fine-tuning learning rate (0 when not fine-tuned)
+    #: raw-pixel 1-nearest-neighbour accuracy (percent) on the same episodes; None when not scored
+    baseline: Optional[float] = None
+    baseline_ci95: Optional[float] = None   #: its 1.96 * std / sqrt(n), percent
 
     @property
     def score(self) -> float:
@@ -70,7 +85,15 @@ class EvalResult:
             return f"{self.short()} (95% CI, {self.n} tasks, seed {self.seed})"
         return (f"{self.short()} (95% CI, {self.n} episodes, seed {self.seed}, "
                 f"{self.ways}-way {self.shots}-shot {self.queries}-query, {self.mode}"
-                + (f", test-time augmentation x{self.tta}" if self.tta else "") + ")")
+                + (f", test-time augmentation x{self.tta}" if self.tta else "")
+                + (f", fine-tuned {self.finetune_steps} steps at lr {self.finetune_lr:g}" if self.finetune_steps
+                   else "") + ")")
+
+    def baseline_line(self) -> str:
+        """``baseline (pixel 1-NN): X ± Y %`` (empty when the baseline was not scored)."""
+        if self.baseline is None:
+            return ""
+        return f"baseline (pixel 1-NN): {self.baseline:.2f} ± {self.baseline_ci95:.2f} %"
 
     def summary(self) -> dict:
         d = asdict(self)
@@ -88,13 +111,25 @@ def mean_ci(values: List[float]) -> tuple:
     return m, 1.96 * sd / math.sqrt(n), sd
 
 
+def pixel_nn_accuracy(support_x: torch.Tensor, support_y: torch.Tensor, query_x: torch.Tensor,
+                      query_y: torch.Tensor) -> torch.Tensor:
+    """Per-task accuracy in percent ``[B]`` of raw-pixel 1-nearest neighbour: each query ``[B, M, ...]`` takes
+    the label of its nearest support image ``[B, S, ...]`` (Euclidean distance on the preprocessed
+    values, in fp32; a tie goes to the first support image)."""
+    d = torch.cdist(query_x.flatten(2).float(), support_x.flatten(2).float())      # [B, M, S]
+    pred = torch.gather(support_y, 1, d.argmin(-1))
+    return (pred == query_y).float().mean(-1) * 100
+
+
 @torch.no_grad()
 def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, precision: str = "fp32",
              chunk: Optional[int] = None, progress: bool = True, csv_path: str | os.PathLike | None = None,
-             desc: str = "eval") -> EvalResult:
+             desc: str = "eval", baseline: bool = True) -> EvalResult:
     """Accuracy of ``method`` on ``episodes`` tasks from ``sampler`` (reset to its seed first).
 
-    For regression families the per-task number is the query MSE (``metric == "mse"``)."""
+    For regression families the per-task number is the query MSE (``metric == "mse"``). ``baseline``: also
+    score raw-pixel 1-NN (:func:`pixel_nn_accuracy`) on the same episodes when they are classification
+    episodes of classes with image-shaped inputs ``[C, H, W]`` (not task families such as sine, RL or copy)."""
     regression = bool(getattr(sampler, "regression", False))
     own_metric = getattr(sampler, "metric", None)
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
@@ -107,17 +142,28 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
     tta = method.copies if isinstance(method, TestTimeAugment) else 0
     if tta:
         method.reset()
+    tuned = find_finetune(method)
+    if tuned is not None:
+        tuned.reset()
+    baseline = baseline and not (regression or own_metric or isinstance(sampler, TaskFamily))
     device = sampler.device
     accs: List[float] = []
+    pixel: List[float] = []
     losses: List[float] = []
-    bar = tqdm(total=episodes, desc=desc, disable=not progress, leave=False, unit="ep")
+    index: List[int] = []         # the episode number of each score (ranks score shares of each batch)
+    drawn = 0
+    bar = tqdm(total=episodes, desc=desc, disable=not (progress and distributed.is_main()), leave=False, unit="ep")
     try:
-        while len(accs) < episodes:
+        while drawn < episodes:
             ep = sampler.sample(EVAL_BATCH)
-            step = chunk or EVAL_BATCH
-            for i in range(0, EVAL_BATCH, step):
+            mine = distributed.share(EVAL_BATCH)    # every rank draws the batch and scores its share
+            if distributed.active():
+                ep = ep.tasks(mine)
+            scored = len(accs)
+            step = chunk or ep.batch
+            for i in range(0, ep.batch, step):
                 sl = slice(i, i + step)
-                part = ep if step >= EVAL_BATCH else ep.tasks(sl)
+                part = ep if step >= ep.batch else ep.tasks(sl)
                 if hasattr(sampler, "evaluate_episode"):    # a family that scores the method itself (control)
                     with autocast(device, precision):
                         scores = sampler.evaluate_episode(method, part).float()
@@ -147,18 +193,28 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
                 nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), qy.flatten(), reduction="none")
                 accs.extend((acc * 100).tolist())
                 losses.extend(nll.view(qy.shape).mean(-1).tolist())
+                if baseline and part.support_x.dim() == 5:
+                    pixel.extend(pixel_nn_accuracy(part.support_x, part.support_y, part.query_x, qy).tolist())
+            index.extend(range(drawn + mine.start, drawn + mine.start + len(accs) - scored))
+            drawn += EVAL_BATCH
             bar.update(min(EVAL_BATCH, episodes - bar.n))
     finally:
         bar.close()
         method.train(was_training)
+    if distributed.active():    # every rank's scores, in episode order: one process's numbers
+        together = distributed.gather_in_order(index, accs, losses, *([pixel] if len(pixel) == len(accs) else []))
+        accs, losses, pixel = together[0], together[1], (together[2] if len(together) > 2 else [])
     accs, losses = accs[:episodes], losses[:episodes]
     m, ci, sd = mean_ci(accs)
+    pm, pci, _ = mean_ci(pixel[:episodes]) if pixel else (None, None, None)
     res = EvalResult(m, ci, sd, len(accs), sampler.ways, sampler.shots, sampler.queries, sampler.seed,
                      mode=getattr(method, "inference_mode", "inductive"), loss=sum(losses) / len(losses),
                      accuracies=accs,
                      metric=own_metric or ("mse" if regression else "accuracy"),
                      metric_label=getattr(sampler, "metric_label", "") if own_metric else "", tta=tta,
-                     higher_is_better=bool(getattr(sampler, "higher_is_better", False)))
+                     higher_is_better=bool(getattr(sampler, "higher_is_better", False)),
+                     finetune_steps=tuned.steps if tuned is not None else 0,
+                     finetune_lr=tuned.lr if tuned is not None else 0.0, baseline=pm, baseline_ci95=pci)
     if csv_path is not None:
         write_episode_csv(res, losses, csv_path)
     return res
