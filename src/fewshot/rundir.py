@@ -43,7 +43,10 @@ FORMAT = "fewshot-run/1"
 #: the files a training run writes, relative to its folder; a folder without the manifest that holds any of
 #: them is not a place to start a run (it would mix the two or overwrite files fewshot did not write)
 TRAINING_FILES = ("config.yaml", "classes_train.txt", "classes_val.txt", "classes_test.txt", "metrics.csv",
-                  "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt")
+                  "metrics.jsonl", "checkpoints/last.pt", "checkpoints/best.pt", "checkpoints/pretrain.pt")
+#: the checkpoints a run can be resumed from: the episodic stage's, else the pretraining stage's
+#: (:mod:`fewshot.pretrain`; a run stopped before its first episodic checkpoint)
+RESUMABLE = ("checkpoints/last.pt", "checkpoints/pretrain.pt")
 #: the settings a resumed run may change, as long as they only extend it (new value >= old); True marks
 #: those where 0 means 'no limit'
 EXTENDABLE = {"train.episodes": False, "train.time_limit_s": True}
@@ -362,9 +365,14 @@ class RunFolder:
     def _check(self) -> None:
         out, last = self.path, self.path / "checkpoints" / "last.pt"
         marked = out.is_dir() and is_marked(out)
+        saved = next((out / f for f in RESUMABLE if (out / f).is_file()), None)
         if self.resume:
-            if not last.is_file():
+            if saved is None:
                 raise FewshotError(f"nothing to resume: {last} does not exist")
+            if saved != last:               # a run stopped during pretraining (fewshot.pretrain reads it)
+                if not marked:
+                    raise FewshotError(f"nothing to resume: {out} is not a fewshot run folder (no {MARKER})")
+                return
             if not marked and not self._legacy():
                 from . import checkpoint
                 checkpoint.load(last)                     # names what is wrong with it
@@ -373,7 +381,7 @@ class RunFolder:
         if not out.is_dir():
             return
         if marked or self._legacy():
-            if last.is_file() and not self.overwrite:
+            if saved is not None and not self.overwrite:
                 raise FewshotError(f"{out} already holds a run; pass --resume to continue it, --overwrite to "
                                    "replace it, or choose another --out")
             return

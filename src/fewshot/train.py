@@ -114,11 +114,18 @@ def make_scheduler(opt, cfg: TrainConfig):
 
 
 class _Logger:
-    """Appends metric rows to metrics.csv and metrics.jsonl; on resume drops rows past the checkpoint."""
+    """Appends metric rows to metrics.csv and metrics.jsonl; on resume drops rows past the checkpoint.
 
-    def __init__(self, out: Path, resume_step: Optional[int]):
+    ``kinds``: the row kinds this stage of a run writes (the episodic trainer's ``train``/``val``); rows of
+    other kinds (an earlier stage's, e.g. :mod:`fewshot.pretrain`'s) are kept as they are. ``None``: every
+    row is this stage's, and a fresh start begins new files."""
+
+    def __init__(self, out: Path, resume_step: Optional[int], kinds: Optional[tuple] = None):
         self.csv_path, self.jsonl_path = out / "metrics.csv", out / "metrics.jsonl"
-        if resume_step is None:
+        self.kinds = kinds
+        if kinds is not None:
+            self._truncate(-1 if resume_step is None else resume_step)
+        elif resume_step is None:
             with open(self.csv_path, "w", newline="") as f:
                 csv.writer(f).writerow(CSV_FIELDS)
             self.jsonl_path.write_text("")
@@ -137,7 +144,9 @@ class _Logger:
                     row = json.loads(line)
                 except ValueError:
                     continue
-                if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+                if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                    continue
+                if row["step"] <= step or (self.kinds is not None and row.get("kind") not in self.kinds):
                     rows.append(row)
         rundir.write_text(self.jsonl_path, "".join(json.dumps(r) + "\n" for r in rows))
 
@@ -259,7 +268,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
         loss_start = ck.get("loss_start")
     else:
         torch.manual_seed(config.seed)
-    logger = _Logger(out, step if resume else None)
+    logger = _Logger(out, step if resume else None, kinds=("train", "val"))
     saved_step: Optional[int] = step if resume else None       # the step that last.pt on disk holds
 
     def state(kind: str) -> dict:
