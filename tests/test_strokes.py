@@ -71,3 +71,49 @@ def test_real_strokes_load():
     # drawers of one character are closer to each other than to drawers of another character
     a, b = st.trajectories[0], st.trajectories[1]
     assert trajectory_distance(a[:1], a[1:]).mean() < trajectory_distance(a[:1], b).mean()
+
+
+def _fake_alphabets(root, alphabets=("Alpha", "Beta", "Korean"), chars=10, drawers=4):
+    """Stroke archives of several alphabets (10 characters each) in the published zip layout."""
+    with zipfile.ZipFile(root / "strokes_background_small1.zip", "w") as z:
+        for a, alpha in enumerate(alphabets):
+            for c in range(chars):
+                for d in range(drawers):
+                    pts = "\n".join(f"{10 + 4 * i + c + a},{-20 - (2 + a) * i - d},{i}" for i in range(6))
+                    z.writestr(f"strokes_background_small1/{alpha}/character{c + 1:02d}/0{a}{c:02d}_{d + 1:02d}.txt",
+                               f"START\n{pts}\nBREAK\n")
+    return root
+
+
+def test_strokes_family_splits_by_alphabet_and_trains_from_the_command_line(tmp_path, capsys):
+    from fewshot import tasks
+    from fewshot.cli import main
+    root = _fake_alphabets(tmp_path)
+    spec = f"strokes:{root},points=8,test=Korean"
+    parts = {s: tasks.make(spec, 1, 1, split=s) for s in ("train", "val", "test")}
+    assert [p.data.shape[0] for p in parts.values()] == [18, 2, 10]       # every 10th non-test character: val
+    test_chars = {tuple(t.flatten().tolist()) for t in parts["test"].data}
+    assert not test_chars & {tuple(t.flatten().tolist()) for t in parts["train"].data}
+    assert tasks.family_tag(spec) == "strokes-" + root.name + ",points=8,test=Korean"
+    base = ["train", "maml", "--data", spec, "--episodes", "3", "--backbone", "mlp", "--loss", "mse", "--bn", "none",
+            "--no-progress"]
+    # 4 drawers cannot supply the default 15 test queries: said before any training step
+    assert main(base + ["--out", str(tmp_path / "early")]) == 2
+    assert "drawers" in capsys.readouterr().err and not (tmp_path / "early" / "checkpoints").exists()
+    out = tmp_path / "run"
+    assert main(["train", "maml", "--data", spec, "--episodes", "3", "--backbone", "mlp", "--loss", "mse",
+                 "--bn", "none", "--batch", "2", "--shots", "1", "--queries", "1", "--val-every", "0", "--test-queries", "1",
+                 "--test-episodes", "5", "--out", str(out), "--no-progress"]) == 0
+    assert "mean distance to the other drawers" in capsys.readouterr().out
+    (js,) = (out / "eval").glob("strokes-*.json")
+    assert ":" not in js.name and "/" not in js.name[len("strokes-"):]
+
+
+@pytest.mark.parametrize("spec,match", [("strokes:{root},points=x", "points"), ("strokes:{root},bad=1", "unknown option"),
+                                        ("strokes:{root},test=Nowhere", "Nowhere"), ("strokes", "strokes:PATH")])
+def test_bad_strokes_specs(tmp_path, monkeypatch, spec, match):
+    from fewshot import tasks
+    monkeypatch.delenv("FEWSHOT_DATA", raising=False)
+    root = _fake_alphabets(tmp_path)
+    with pytest.raises(FewshotError, match=match):
+        tasks.make(spec.format(root=root), 1, 1)

@@ -168,7 +168,9 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
                     with autocast(device, precision):
                         scores = sampler.evaluate_episode(method, part).float()
                     accs.extend(scores.tolist())
-                    losses.extend((-scores).tolist())
+                    # the loss column falls as the score improves: minus a return, a distance as it is
+                    higher = bool(getattr(sampler, "higher_is_better", False))
+                    losses.extend((-scores if higher else scores).tolist())
                     continue
                 with autocast(device, precision):
                     # a Method (or its TTA wrapper) declares predict_episode; any module with predict works too

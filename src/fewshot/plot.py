@@ -193,7 +193,7 @@ def navigation_trajectories(run, out: Path, data: Optional[str] = None, goals: i
     if not method.adapts_by_gradient:
         raise FewshotError(f"method {method.name} does not adapt by gradient steps; nothing to plot")
     fam = tasks.make(data or run.config.data, run.config.shots, 1, device=run.device,
-                     seed=FAMILY_SEEDS["test"] + seed)
+                     seed=FAMILY_SEEDS["test"] + seed, split="test")
     goal = fam.env.sample_tasks(goals, fam.generator)
     was = method.training
     method.eval()

@@ -146,6 +146,11 @@ def fit(cfg: RunConfig, out: str | Path, resume: bool = False, progress: bool = 
     without it (and without ``resume``) an existing run is an error rather than being mixed with the new one.
     ``resume`` continues the run exactly and refuses settings that differ from the run's, except a longer
     run (more episodes, a longer time limit).
+
+    With ``cfg.pretrain_epochs`` the method's backbone is first pretrained as a classifier of the training
+    classes (:mod:`fewshot.pretrain`, ``checkpoints/pretrain.pt``; a resume during it continues it, a resume
+    after it skips it); ``on_step`` is called after every optimiser step of both stages, each counting its
+    own steps from 1.
     """
     out = Path(out)
     distributed.init(resolve_device(cfg.device))     # under torchrun: join the other ranks (else nothing)
@@ -184,10 +189,13 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
             old = RunConfig.load(saved)
             if old.method != cfg.method:
                 raise FewshotError(f"{out} holds a {old.method!r} run, not {cfg.method!r}")
+    from .explicit import explicit
+    user_set = explicit(cfg)            # before the method's literature settings fill the rest
     apply_run_defaults(cfg)
     cfg.check()
     if tasks.is_family(cfg.data):
-        return _fit_family(cfg, out, folder, device, resume, progress, on_step, backbone)
+        return _fit_family(cfg, out, folder, device, resume, progress, on_step, backbone, check_test)
+    resolve_image_settings(cfg, dataset)
     if dataset is not None:
         ds = dataset
     elif unsupervised.unlabeled_source(cfg):      # images without classes (label-free tasks only)
@@ -200,6 +208,7 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
     train_ds, val_ds, test_ds = unsupervised.split(ds, cfg) if label_free else split_dataset(ds, cfg)
     if cfg.rotations:
         train_ds = train_ds.with_rotations()
+    fitted = "" if label_free else fit_training_episodes(cfg, train_ds, user_set)
     data = DataInfo(outputs=cfg.ways, attr_dim=int(ds.attributes.shape[1]) if ds.attributes is not None else 0)
     cfg.options = methods.get(cfg.method).configure(cfg.options, data)
     torch.manual_seed(cfg.seed)
@@ -209,7 +218,7 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
     # every sampler's shape is checked here, before the first step (the test one too, unless not wanted)
     if not cfg.train.val_every:
         val_ds = None
-    chosen = resolve_episodes(cfg, val_ds, test_ds)
+    chosen = "; ".join(c for c in (fitted, resolve_episodes(cfg, val_ds, test_ds)) if c)
     semi = dict(unlabeled=cfg.unlabeled, distractors=cfg.distractors)
     if label_free:          # CACTUs / UMTRA tasks from the training images alone (their labels unused)
         sampler = unsupervised.task_sampler(cfg, train_ds, device, prepare=not resume)
@@ -279,6 +288,53 @@ def default_queries(ds: ClassDataset, shots: int, unlabeled: int = 0) -> int:
     support + ``unlabeled`` unlabelled + that many query images (at least 1: a class too small for even
     one query is then reported by the sampler, naming the shots)."""
     return max(1, min(EVAL_QUERIES, int(ds.counts.min()) - int(shots) - int(unlabeled)))
+
+
+def resolve_image_settings(cfg: RunConfig, dataset: Optional[ClassDataset] = None) -> None:
+    """Settings taken from the data, in place so the run records them. ``size: auto`` becomes the data's own
+    size: that of ``dataset`` when one is given, else :func:`fewshot.data.native.native_settings` of
+    ``cfg.data`` (Omniglot and glyphs 28x28, mini-ImageNet 84x84, an image folder its images' own size with
+    the longer side at most 84). ``channels`` left unset become the data's own for an image folder (RGB when
+    most of its images are stored in colour, else grey), and with ``size: auto`` for any image data."""
+    if dataset is not None:
+        if cfg.size == "auto":
+            cfg.size = list(dataset.preprocess.size)
+        return
+    from .data.native import native_settings
+    kind = fsdata.kind_of(cfg.data)
+    if cfg.size != "auto" and (cfg.channels is not None or kind != "folder"):
+        return
+    found = native_settings(kind, cfg.data)
+    if found is None:       # audio clips (the MFCC front end sizes them), or no readable image: the loader says
+        cfg.size = 28 if cfg.size == "auto" else cfg.size
+        return
+    if cfg.size == "auto":
+        cfg.size = list(found[0])
+    if cfg.channels is None:
+        cfg.channels = found[1]
+
+
+def fit_training_episodes(cfg: RunConfig, train_ds: ClassDataset, user_set=()) -> str:
+    """Lower the training ways and queries that the user did not set (not in ``user_set``: they come from the
+    defaults or the method's literature settings, e.g. protonet's 60 ways, relation's 19 queries) to what the
+    training classes can supply, in place: ways at most the training classes (less the distractors), queries
+    at most the smallest class's images less the shots and unlabelled examples (at least 1). Small data sets
+    (tens of classes x 10 images) then train with the method's recipe as far as they allow instead of
+    failing; set values are left for the sampler to check. Returns a one-line description ("" if
+    nothing changed)."""
+    said = []
+    most_ways = len(train_ds) - cfg.distractors
+    if "ways" not in user_set and cfg.ways > most_ways >= 2:
+        cfg.ways = most_ways
+        said.append(f"{most_ways} ways (all the training classes)")
+    most_queries = int(train_ds.counts.min()) - cfg.shots - cfg.unlabeled
+    if "queries" not in user_set and cfg.queries > most_queries >= 1:
+        cfg.queries = most_queries
+        said.append(f"{most_queries} queries per class (the smallest training class has "
+                    f"{int(train_ds.counts.min())} images)")
+    if not said:
+        return ""
+    return f"training episodes of {' and '.join(said)}, fewer than the recipe's (--ways, --queries choose them)"
 
 
 def resolve_episodes(cfg: RunConfig, val_ds: Optional[ClassDataset], test_ds: Optional[ClassDataset]) -> str:
@@ -356,8 +412,9 @@ FAMILY_SEEDS = {"train": 0, "val": 1_000_003, "test": 2_000_003}
 
 
 def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, resume, progress, on_step,
-                backbone=None) -> Run:
-    """``fit`` for task families (sine, toy-binary): tasks are drawn, not split from classes."""
+                backbone=None, check_test: bool = False) -> Run:
+    """``fit`` for task families (sine, toy-binary): tasks are drawn, not split from classes; with
+    ``check_test`` the test tasks' settings are checked before the first step too."""
     train_tasks = tasks.make(cfg.data, cfg.shots, cfg.queries, batch=cfg.batch, device=device,
                              seed=cfg.seed + FAMILY_SEEDS["train"])
     if train_tasks.regression:
@@ -374,7 +431,10 @@ def _fit_family(cfg: RunConfig, out: Path, folder: rundir.RunFolder, device, res
     val_sampler = None
     if cfg.train.val_every:
         val_sampler = tasks.make(cfg.data, cfg.val_shots, cfg.val_queries, device=device,
-                                 seed=FAMILY_SEEDS["val"], ways=cfg.ways or None)
+                                 seed=FAMILY_SEEDS["val"], ways=cfg.ways or None, split="val")
+    if check_test:          # the final evaluation's tasks must be drawable, before any training time is spent
+        tasks.make(cfg.data, cfg.test_shots, cfg.test_queries, device=device, seed=FAMILY_SEEDS["test"],
+                   ways=cfg.ways or None, split="test")
     distributed.on_main(lambda: folder.create(cfg), "preparing the run folder")
     meta = {"preprocess": Preprocess(size=(0, 0), channels=0).to_dict(), "run_config": cfg.to_dict(),
             "data_source": cfg.data, "task_family": cfg.data, "in_shape_family": list(train_tasks.in_shape)}
@@ -497,14 +557,14 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: Optional[int] = Non
     if family is not None:
         queries = queries or cfg.test_queries or EVAL_QUERIES
         sampler = tasks.make(family, shots, queries, device=run.device, seed=FAMILY_SEEDS["test"] + seed,
-                             ways=None)
+                             ways=None, split="test")
         if tuple(sampler.in_shape) != tuple(run.checkpoint["in_shape"]):
             raise FewshotError(f"--data {family} tasks have inputs of shape {tuple(sampler.in_shape)}, but this "
                                f"run was trained on {tuple(run.checkpoint['in_shape'])}")
         ds = None
-        tag = f"{family}-{shots}s{queries}q-seed{seed}"
+        tag = f"{tasks.family_tag(family)}-{shots}s{queries}q-seed{seed}"
         if getattr(sampler, "metric", None):    # a family with its own metric (copy): shots/queries unused
-            tag = f"{family.replace(':', '-')}-seed{seed}"
+            tag = f"{tasks.family_tag(family)}-seed{seed}"
     else:
         ds = test_classes(run, data)
         u = cfg.unlabeled if unlabeled is None else int(unlabeled)
@@ -564,7 +624,8 @@ def adaptation_curve(run: Run, data: Optional[str] = None, episodes: Optional[in
     for flag, v in (("--episodes", episodes), ("--shots", shots)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise FewshotError(f"{flag} must be at least 1, got {v!r}")
-    sampler = tasks.make(family, shots, shots, device=run.device, seed=FAMILY_SEEDS["test"] + seed)
+    sampler = tasks.make(family, shots, shots, device=run.device, seed=FAMILY_SEEDS["test"] + seed,
+                         split="test")
     if tuple(sampler.in_shape) != tuple(run.checkpoint["in_shape"]):
         raise FewshotError(f"--data {family} tasks have observations of shape {tuple(sampler.in_shape)}, but "
                            f"this run was trained on {tuple(run.checkpoint['in_shape'])}")

@@ -17,6 +17,11 @@ class TaskFamily(abc.ABC):
     regression = False
     in_shape: tuple = ()
     outputs = 1
+    #: whether the family's tasks come from a data set split into parts (``--data strokes:PATH``): then
+    #: :func:`fewshot.tasks.make` passes ``split`` ("train", "val" or "test") and the family draws the
+    #: training, validation and test tasks from disjoint parts; families of random task parameters
+    #: (sine, navigation) hold tasks apart by their seeds alone
+    data_split = False
 
     def __init__(self, shots: int, queries: int, batch: int = 1, device="cpu", seed: int = 0):
         for k, v in (("shots", shots), ("batch", batch)):

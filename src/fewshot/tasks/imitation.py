@@ -1,5 +1,6 @@
 """Meta-imitation task families: ``--data reach`` (one-shot imitation of 2-D reaching, Finn et al. 2017b), and
-:class:`StrokeTasks` (one-shot imitation of human handwriting from Omniglot's pen strokes, Python API).
+``--data strokes:PATH`` (:class:`StrokeTasks`: one-shot imitation of human handwriting from Omniglot's pen
+strokes).
 
 A task's examples are expert demonstrations: the support set holds ``shots`` demonstrations (observations
 ``[B, shots*T, O]``, actions ``[B, shots*T, 2]``), the query set ``queries`` other demonstrations of the same
@@ -14,6 +15,8 @@ success when the agent stays within ``tolerance`` of the demonstrated target for
 """
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -61,6 +64,10 @@ class ImitationTasks(EnvTaskFamily):
         return f"ImitationTasks({self.env!r}, {self.shots} + {self.queries} demonstrations, batch {self.batch})"
 
 
+#: the last stroke set read by :meth:`StrokeTasks.from_spec` (reading the archives takes seconds)
+_STROKES: dict = {}
+
+
 class StrokeTasks(TaskFamily):
     """One-shot imitation of handwriting: each task is an Omniglot character, each demonstration one drawer's
     pen trajectory (:func:`fewshot.data.strokes.load_strokes`), a real human demonstration.
@@ -78,6 +85,11 @@ class StrokeTasks(TaskFamily):
     metric_label = "mean distance to the other drawers"
     higher_is_better = False
     outputs = 2
+    data_split = True
+    #: the alphabets whose characters are the test tasks unless the spec says ``test=A+B`` (the Omniglot
+    #: split of the other benchmarks); every tenth remaining character is a validation task
+    TEST_ALPHABETS = ("Korean", "Tagalog")
+    VAL_EVERY = 10
 
     def __init__(self, strokes, shots: int = 1, queries: int = 1, batch: int = 10, device="cpu", seed: int = 0,
                  ways: Optional[int] = None):
@@ -90,6 +102,52 @@ class StrokeTasks(TaskFamily):
         self.drawers = drawers
         self.data = torch.stack([t[:drawers] for t in strokes.trajectories]).to(self.device)   # [C, D, T, 2]
         self.points = strokes.points
+
+    @classmethod
+    def from_spec(cls, spec: str, split: str = "train", **kw) -> "StrokeTasks":
+        """``strokes[:PATH][,points=N][,test=A+B]``: the stroke archives (or their folders) under ``PATH``
+        (default ``$FEWSHOT_DATA/omniglot``), trajectories of ``points`` positions (default 50); the
+        characters of the ``test`` alphabets are the test tasks, every :attr:`VAL_EVERY`-th other character a
+        validation task, the rest the training tasks (``split``)."""
+        from ..data.strokes import load_strokes
+        path, points, test = None, 50, cls.TEST_ALPHABETS
+        for item in filter(None, spec.partition(":")[2].split(",")):
+            key, eq, value = item.partition("=")
+            if not eq:
+                path = item
+            elif key == "points":
+                try:
+                    points = int(value)
+                except ValueError:
+                    raise FewshotError(f"--data {spec}: points must be an integer, got {value!r}") from None
+            elif key == "test":
+                test = tuple(filter(None, value.split("+")))
+            else:
+                raise FewshotError(f"--data {spec}: unknown option {key!r} (points, test)")
+        if path is None:
+            root = os.environ.get("FEWSHOT_DATA")
+            if not root:
+                raise FewshotError("--data strokes needs the folder of the stroke archives: --data strokes:PATH "
+                                   "(or set $FEWSHOT_DATA to a folder holding omniglot/)")
+            path = str(Path(root) / "omniglot")
+        if split not in ("train", "val", "test"):
+            raise FewshotError(f"unknown split {split!r} (train, val, test)")
+        key = (str(Path(path).resolve()), int(points))
+        if key not in _STROKES:
+            _STROKES.clear()            # one stroke set at a time (train, val and test share it)
+            _STROKES[key] = load_strokes(path, points=points)
+        strokes = _STROKES[key]
+        missing = [a for a in test if a not in set(strokes.groups)]
+        if missing:
+            raise FewshotError(f"--data {spec}: no alphabet {missing[0]!r} among the strokes of {path}")
+        if split == "test":
+            part = strokes.select(groups=test)
+        else:
+            rest = strokes.select(exclude=test)
+            keep = [i for i in range(len(rest)) if (i % cls.VAL_EVERY == cls.VAL_EVERY - 1) == (split == "val")]
+            part = type(rest)([rest.names[i] for i in keep], [rest.groups[i] for i in keep],
+                              [rest.trajectories[i] for i in keep], rest.points)
+        return cls(part, **kw)
 
     def _pairs(self, traj: torch.Tensor) -> tuple:
         """Demonstrations ``[B, n, T, 2]`` -> observations ``[B, n*(T-1), 3]`` and moves ``[B, n*(T-1), 2]``."""
