@@ -33,12 +33,14 @@ def _int_list(v: str) -> List[int]:
 
 
 def _size(v: str):
+    if v.strip().lower() == "auto":        # the data's own size (fewshot.data.native), resolved by the run
+        return "auto"
     parts = _int_list(v.replace("x", ","))
     if len(parts) == 1:
         return parts[0]
     if len(parts) == 2:
         return parts
-    raise argparse.ArgumentTypeError(f"size must be N or HxW, got {v!r}")
+    raise argparse.ArgumentTypeError(f"size must be N, HxW or auto, got {v!r}")
 
 
 def field_docs(cls) -> dict:
@@ -307,7 +309,8 @@ def _print_curve(curve: dict, tasks: int, prefix: str = "") -> None:
 
 
 def cmd_eval(a) -> int:
-    from .run import adaptation_curve, adapts_in_environment, evaluate_run, lake_eval, load_run, pair_metrics
+    from .run import (adaptation_curve, adapts_in_environment, evaluate_run, evaluate_variable_run, lake_eval,
+                      load_run, pair_metrics)
     if a.pairs < 0:
         raise FewshotError(f"--pairs must be at least 0, got {a.pairs}")
     launched = _launch(a)
@@ -320,6 +323,11 @@ def cmd_eval(a) -> int:
             print(f"{r['run']}: error {r['error_rate']:.1f}% ({r['errors']}/{r['n']})")
         print(f"overall error rate: {res['error_rate']:.2f}% over {res['n']} test images "
               f"({len(res['runs'])} runs)")
+        return 0
+    if a.protocol == "meta-dataset":
+        res = evaluate_variable_run(run, a.data, a.episodes, a.seed)
+        print(f"{res.short()} (95% CI, {res.n} Meta-Dataset episodes of 5-50 ways and varying shots, seed "
+              f"{res.seed})")
         return 0
     if adapts_in_environment(run, a.data):
         curve = adaptation_curve(run, a.data, episodes=a.episodes, shots=a.shots, seed=a.seed)
@@ -424,6 +432,9 @@ def build_parser(help_text: bool = True, method: Optional[str] = None) -> argpar
     _finetune_flags(e)
     e.add_argument("--no-baseline", action="store_true",
                    help="do not score (or print) the raw-pixel nearest-neighbour baseline on the same episodes")
+    e.add_argument("--protocol", choices=["fixed", "meta-dataset"], default="fixed",
+                   help="fixed: N-way K-shot episodes (default); meta-dataset: variable-way, variable-shot "
+                        "episodes (Triantafillou et al. 2020), 5-50 ways, class-imbalanced supports")
     e.add_argument("--lake-runs", help="Lake et al.'s all_runs.zip (or its folder): report error rates")
     _common(e)
     _launch_flags(e)

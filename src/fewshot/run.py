@@ -599,6 +599,26 @@ def evaluate_run(run: Run, data: Optional[str] = None, ways: Optional[int] = Non
     return res
 
 
+def evaluate_variable_run(run: Run, data: Optional[str] = None, episodes: int = 600, seed: int = 0,
+                          save: bool = True) -> EvalResult:
+    """Evaluate a run on Meta-Dataset's variable-way, variable-shot episodes (:mod:`fewshot.metadataset`)
+    drawn from its test classes (or all classes of ``data``); writes ``eval/metadataset-seed<S>….json``."""
+    from .metadataset import MetaDatasetSampler, evaluate_variable
+    if task_family(run, data) is not None:
+        raise FewshotError("--protocol meta-dataset draws episodes from image classes, not from a task family")
+    ds = test_classes(run, data)
+    sampler = MetaDatasetSampler(ds, device=run.device, seed=seed)
+    res = evaluate_variable(run.method, sampler, episodes, precision=run.precision)
+    if save and distributed.is_main():
+        tag = f"metadataset-seed{seed}" + ("" if data is None else "-" + Path(data).name)
+        path = run.path / "eval" / f"{tag}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rundir.write_text(path, json.dumps({**res.summary(), "data": data or run.config.data, "classes": len(ds),
+                                            "checkpoint_step": run.checkpoint.get("step")}, indent=1))
+        rundir.record(path)
+    return res
+
+
 def adapts_in_environment(run: Run, data: Optional[str] = None) -> bool:
     """Whether ``run`` is evaluated on RL tasks (``data``, else its own family), where evaluation reports
     the return after each number of adaptation steps (:func:`adaptation_curve`)."""

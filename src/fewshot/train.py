@@ -12,6 +12,10 @@ very episode an uninterrupted run would have drawn next (when that step ended th
 length, time limit or learning-rate floor, the run is simply complete). A second Ctrl-C stops at once and saves nothing
 (the state may be half-updated): ``last.pt`` keeps the last periodic checkpoint, which resumes exactly too,
 like a SIGKILL. A training loss that grows far beyond its starting level gets one warning line.
+
+Under torchrun every rank runs this same loop on its share of each step's tasks; :mod:`fewshot.distributed`
+averages the gradients and buffers, agrees on stops, and leaves the files to rank 0 (its docstring says
+exactly what equals one process's run).
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from typing import Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint, rundir
+from . import checkpoint, distributed, rundir
 from .episodes import EpisodeSampler
 from .errors import FewshotError
 from .evaluate import evaluate
@@ -70,6 +74,9 @@ class TrainConfig:
     channels_last: bool = False
     seed: int = 0                   #: seeds torch's global RNG (dropout, init) at the start of a run
     time_limit_s: float = 0.0       #: stop once this much training time has passed (0: no limit)
+    #: tasks per forward pass (0: all the tasks a process holds); batch norm then normalises over one group,
+    #: so groups that divide each rank's share train alike on any number of ranks (see fewshot.distributed)
+    task_group: int = 0
 
     def check(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -213,6 +220,52 @@ class _StopRequest:
             self._previous = None
 
 
+def _step_gradients(method, episode, config: TrainConfig, device) -> tuple:
+    """Loss (a float) and metrics of one step, with its gradient accumulated in ``.grad``: on this rank's
+    share of ``episode`` (all of it in one process), in forward passes of ``config.task_group`` tasks each
+    (their mean loss). Each group starts from the step's starting buffers (running statistics); floating
+    buffers end as the start plus the groups' mean change, counters (``num_batches_tracked``) as after one
+    group, as after one forward pass of the whole share; then :func:`fewshot.distributed.reduce_step`
+    averages gradients, buffers and numbers over the ranks. Returns ``(loss, metrics)``, averaged."""
+    distributed.check_batch(episode.batch)
+    part = episode.tasks(distributed.share(episode.batch)) if distributed.active() else episode
+    size = config.task_group or part.batch
+    if part.batch % size:
+        raise FewshotError(f"--task-group {size} does not divide the {part.batch} tasks each process takes per "
+                           f"step (--batch {episode.batch} over {distributed.world()} rank(s))")
+    groups = [part.tasks(slice(i, i + size)) for i in range(0, part.batch, size)] if size < part.batch else [part]
+    bufs = [b for b in method.buffers() if b.is_floating_point()]
+    start = [b.detach().clone() for b in bufs] if len(groups) > 1 or distributed.active() else None
+    change = [torch.zeros_like(b) for b in bufs] if len(groups) > 1 else None
+    counters = [(b, b.detach().clone()) for b in method.buffers() if not b.is_floating_point()] \
+        if len(groups) > 1 else []
+    total, sums = 0.0, {}
+    for g in groups:
+        if change is not None:
+            with torch.no_grad():
+                for b, s in list(zip(bufs, start)) + counters:
+                    b.copy_(s)
+        with autocast(device, config.precision):
+            loss, metrics = method.loss(g)
+        (loss / len(groups) if len(groups) > 1 else loss).backward()
+        total += float(loss.detach())        # one host sync per group, reused below
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+        if change is not None:
+            with torch.no_grad():
+                for c, b, s in zip(change, bufs, start):
+                    c += b - s
+    if change is not None:
+        with torch.no_grad():
+            for b, s, c in zip(bufs, start, change):
+                b.copy_(s + c / len(groups))
+    names = list(sums)
+    values = distributed.reduce_step([p for p in method.parameters() if p.requires_grad],
+                                     list(zip(bufs, start)) if distributed.active() else [],
+                                     [total / len(groups)] + [sums[k] / len(groups) for k in names])
+    return values[0], dict(zip(names, values[1:]))
+
+
 def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
           val_sampler: Optional[EpisodeSampler] = None, resume: bool = False, meta: Optional[dict] = None,
           progress: bool = True, on_step: Optional[Callable[[int], None]] = None) -> TrainResult:
@@ -268,7 +321,9 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
         loss_start = ck.get("loss_start")
     else:
         torch.manual_seed(config.seed)
-    logger = _Logger(out, step if resume else None, kinds=("train", "val"))
+    distributed.broadcast_module(method)        # every rank starts from rank 0's weights (no-op alone)
+    main = distributed.is_main()                # rank 0 alone writes metrics and checkpoints
+    logger = _Logger(out, step if resume else None, kinds=("train", "val")) if main else None
     saved_step: Optional[int] = step if resume else None       # the step that last.pt on disk holds
 
     def state(kind: str) -> dict:
@@ -280,45 +335,54 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
 
     def save_last() -> None:
         nonlocal saved_step
-        checkpoint.save(state("last"), last_path)
+        if main:
+            checkpoint.save(state("last"), last_path)
         saved_step = step
+
+    def note(message: str) -> None:
+        """A line under the progress bar (rank 0's only)."""
+        if main:
+            bar.write(message)
+
+    def log(row: dict) -> None:
+        if main:
+            logger.write(row)
 
     def validate(lr: float) -> float:
         """Score the held-out classes, log the row, keep the best checkpoint; returns the validation loss."""
         nonlocal best
         res = evaluate(method, val_sampler, config.val_episodes, precision=config.precision, progress=False)
-        logger.write({"step": step, "kind": "val", "val_acc": round(res.mean, 4), "val_ci": round(res.ci95, 4),
-                      "val_loss": round(res.loss, 6), "lr": lr, "elapsed_s": round(elapsed, 3)})
-        bar.write(f"step {step}: val {res.short()} (loss {res.loss:.4f})")
+        log({"step": step, "kind": "val", "val_acc": round(res.mean, 4), "val_ci": round(res.ci95, 4),
+             "val_loss": round(res.loss, 6), "lr": lr, "elapsed_s": round(elapsed, 3)})
+        note(f"step {step}: val {res.short()} (loss {res.loss:.4f})")
         if res.score > best:
             best = res.score
-            checkpoint.save(state("best"), ckdir / "best.pt")
+            if main:
+                checkpoint.save(state("best"), ckdir / "best.pt")
         return res.loss
 
     stopped_early, warned, interrupted = False, False, False
     method.train()
-    bar = tqdm(total=config.episodes, initial=step, desc=f"train {method.name}", disable=not progress,
-               unit="ep", dynamic_ncols=True)
+    bar = tqdm(total=config.episodes, initial=step, desc=f"train {method.name}",
+               disable=not (progress and main), unit="ep", dynamic_ncols=True)
     t_last = time.perf_counter()
     with _StopRequest() as stop:
         try:
             while step < config.episodes:
                 ep = sampler.sample()
-                with autocast(device, config.precision):
-                    loss, metrics = method.loss(ep)
-                loss_value = float(loss.detach())       # one host sync per step, reused below
-                if not math.isfinite(loss_value):        # before backward: a diverged step changes nothing
+                opt.zero_grad(set_to_none=True)
+                # this rank's share of the tasks, gradients and numbers averaged over the ranks
+                loss_value, metrics = _step_gradients(method, ep, config, device)
+                if not math.isfinite(loss_value):        # before the optimiser step: a diverged step changes nothing
                     raise FewshotError(f"training diverged at step {step + 1} (loss {loss_value:.3g}); lower --lr")
                 if loss_start is None:
                     loss_start = abs(loss_value)
                 elif not warned and abs(loss_value) > EXPLOSION_FACTOR * max(loss_start, EXPLOSION_FLOOR):
                     warned = True
-                    bar.write(f"warning: step {step + 1}: training loss {loss_value:.3g} is over "
-                              f"{EXPLOSION_FACTOR:g}x its starting level {max(loss_start, EXPLOSION_FLOOR):.3g}; "
-                              f"the learning rate {opt.param_groups[0]['lr']:.3g} is probably too high (try a "
-                              "lower --lr)")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
+                    note(f"warning: step {step + 1}: training loss {loss_value:.3g} is over "
+                         f"{EXPLOSION_FACTOR:g}x its starting level {max(loss_start, EXPLOSION_FLOOR):.3g}; "
+                         f"the learning rate {opt.param_groups[0]['lr']:.3g} is probably too high (try a "
+                         "lower --lr)")
                 if config.grad_clip_value > 0:
                     torch.nn.utils.clip_grad_value_(method.parameters(), config.grad_clip_value)
                 if config.grad_clip > 0:
@@ -332,9 +396,9 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                 t_last = now
                 lr = opt.param_groups[0]["lr"]
                 if step % config.log_every == 0 or step == config.episodes:
-                    logger.write({**{k: round(float(v), 6) for k, v in metrics.items()},
-                                  "step": step, "kind": "train", "loss": round(loss_value, 6), "lr": lr,
-                                  "elapsed_s": round(elapsed, 3)})
+                    log({**{k: round(float(v), 6) for k, v in metrics.items()},
+                         "step": step, "kind": "train", "loss": round(loss_value, 6), "lr": lr,
+                         "elapsed_s": round(elapsed, 3)})
                     # the method's own metrics, whatever it names them (acc, mse, bits, return, ...)
                     score = {k: f"{float(v):.3g}" for k, v in list(metrics.items())[:3] if k not in ("loss", "lr")}
                     bar.set_postfix(loss=f"{loss_value:.3f}", **score, lr=f"{lr:.2g}")
@@ -352,8 +416,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                         sched.step(vloss)
                         if config.stop_at_min_lr and attempted and at_floor:
                             stopped_early = True
-                            bar.write(f"step {step}: learning rate at its floor {lr:.2g} and no longer changing; "
-                                      "stopping")
+                            note(f"step {step}: learning rate at its floor {lr:.2g} and no longer changing; "
+                                 "stopping")
                             break
                 if step % config.ckpt_every == 0:
                     save_last()
@@ -362,17 +426,21 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                         on_step(step)
                     except KeyboardInterrupt:       # raised between steps: the state is complete
                         stop.requested = True
-                if config.time_limit_s and elapsed >= config.time_limit_s and step < config.episodes:
+                # every rank stops after the same step: when any was asked to stop or ran out of time
+                time_up, stop_now = distributed.any_rank(
+                    bool(config.time_limit_s) and elapsed >= config.time_limit_s and step < config.episodes,
+                    stop.requested and step < config.episodes)
+                if time_up:
                     stopped_early = True
-                    bar.write(f"step {step}: training time limit of {config.time_limit_s:.0f} s reached; stopping")
+                    note(f"step {step}: training time limit of {config.time_limit_s:.0f} s reached; stopping")
                     if val_sampler is not None and config.val_every and step % config.val_every:
                         validate(lr)
                     break
-                if stop.requested and step < config.episodes:   # a step boundary: all of this step is done
-                    interrupted = True
+                if stop_now:        # a step boundary: all of this step is done
+                    stop.requested = interrupted = True
                     break
             save_last()
-            if val_sampler is None or not config.val_every or not (ckdir / "best.pt").exists():
+            if main and (val_sampler is None or not config.val_every or not (ckdir / "best.pt").exists()):
                 checkpoint.save(state("best"), ckdir / "best.pt")
         except KeyboardInterrupt:
             # a second Ctrl-C (or an interrupt not sent through our handler) inside a step: the model or the
@@ -384,5 +452,5 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
         if interrupted:
             raise TrainingInterrupted(last_path, step, saved=True)
         if stop.requested:      # the step that Ctrl-C let finish ended the training: the run is complete
-            bar.write(f"step {step}: training ended with the step that Ctrl-C let finish")
+            note(f"step {step}: training ended with the step that Ctrl-C let finish")
     return TrainResult(step, best, elapsed, stopped_early, str(out))
