@@ -129,3 +129,24 @@ def test_a_label_based_method_evaluates_on_variable_episodes(synthetic):
     assert res.n == 6 and res.mode == "meta-dataset" and 0 <= res.mean <= 100 and math.isfinite(res.loss)
     again = evaluate_variable(net, s, episodes=6)
     assert again.accuracies == res.accuracies                  # reset to its seed: the same tasks
+
+
+def test_cli_eval_with_the_meta_dataset_protocol(tmp_path, capsys):
+    """`fewshot eval RUN --protocol meta-dataset`: variable-way episodes from the run's test classes, the same
+    numbers on every call (seeded), a result file beside the fixed-protocol ones."""
+    import json
+    from conftest import make_image_folder
+    from fewshot.cli import main
+    root = make_image_folder(tmp_path / "imgs", n_classes=20, per_class=8, size=16)
+    out = tmp_path / "run"
+    assert main(["train", "protonet", "--data", str(root), "--size", "16", "--ways", "5", "--shots", "2",
+                 "--queries", "2", "--episodes", "3", "--split", "fraction:0.5", "--val-every", "0", "--no-eval",
+                 "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    lines = []
+    for _ in range(2):
+        assert main(["eval", str(out), "--protocol", "meta-dataset", "--episodes", "6", "--no-progress"]) == 0
+        lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert lines[0] == lines[1] and "6 Meta-Dataset episodes" in lines[0]
+    res = json.loads((out / "eval" / "metadataset-seed0.json").read_text())
+    assert res["mode"] == "meta-dataset" and res["n"] == 6 and res["classes"] == 10 and 0 <= res["mean"] <= 100
