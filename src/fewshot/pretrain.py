@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, distributed
 from .augment import build_transform
 from .data.images import to_float
 from .errors import FewshotError
@@ -154,13 +154,19 @@ def run_stage(method, train_ds, cfg, out: str | Path, device, resume: bool = Fal
         gen.set_state(ck["generator"])
         torch.set_rng_state(ck["torch_rng"])
         step, elapsed, sums = int(ck["step"]), float(ck["train_time_s"]), list(ck["sums"])
-    logger = _Logger(out, step if resume and path.is_file() else None, kinds=(KIND,))
+    # under torchrun every rank runs the same stage on the same batches (it is not split across ranks) and
+    # rank 0 alone writes; meta-training then starts from rank 0's weights
+    main = distributed.is_main()
+    logger = _Logger(out, step if resume and path.is_file() else None, kinds=(KIND,)) if main else None
     transform = build_transform(cfg.augment)
     labels = train_ds.labels()
     saved_step: Optional[int] = step if resume and path.is_file() else None
 
     def save(done: bool) -> None:
         nonlocal saved_step
+        if not main:
+            saved_step = step
+            return
         checkpoint.save({"kind": KIND, "method": method.name, "model": method.state_dict(),
                          "classifier": classifier.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
@@ -181,8 +187,8 @@ def run_stage(method, train_ds, cfg, out: str | Path, device, resume: bool = Fal
         return x, labels[idx].to(device)
 
     method.train()
-    bar = tqdm(total=total, initial=step, desc=f"pretrain {method.name}", disable=not progress, unit="batch",
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc=f"pretrain {method.name}", disable=not (progress and main),
+               unit="batch", dynamic_ncols=True)
     interrupted = False
     t_last = time.perf_counter()
     with _StopRequest() as stop:
@@ -211,11 +217,12 @@ def run_stage(method, train_ds, cfg, out: str | Path, device, resume: bool = Fal
                 if step % per_epoch == 0:
                     epoch = step // per_epoch
                     loss_mean, acc_mean = sums[0] / per_epoch, sums[1] / per_epoch
-                    logger.write({"step": step, "kind": KIND, "epoch": epoch, "loss": round(loss_mean, 6),
-                                  "acc": round(acc_mean, 6), "lr": opt.param_groups[0]["lr"],
-                                  "elapsed_s": round(elapsed, 3)})
-                    bar.write(f"pretrain epoch {epoch}/{cfg.pretrain_epochs}: loss {loss_mean:.4f}, training "
-                              f"accuracy {100 * acc_mean:.2f}% ({n_classes} classes)")
+                    if main:
+                        logger.write({"step": step, "kind": KIND, "epoch": epoch, "loss": round(loss_mean, 6),
+                                      "acc": round(acc_mean, 6), "lr": opt.param_groups[0]["lr"],
+                                      "elapsed_s": round(elapsed, 3)})
+                        bar.write(f"pretrain epoch {epoch}/{cfg.pretrain_epochs}: loss {loss_mean:.4f}, "
+                                  f"training accuracy {100 * acc_mean:.2f}% ({n_classes} classes)")
                     sums = [0.0, 0.0]
                     save(done=step == total)
                     t_last = time.perf_counter()
