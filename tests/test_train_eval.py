@@ -141,6 +141,30 @@ def test_resume_equals_uninterrupted_training(ds16, tmp_path: Path) -> None:
     assert rows(full) == rows(part)                             # the same losses, lrs and val scores
 
 
+def test_fp16_trains_with_a_gradient_scaler_that_resumes_exactly(ds16, tmp_path: Path) -> None:
+    """fp16 autocast scales the loss (dynamic loss scaling); the scaler's state is in every checkpoint, so a
+    stopped fp16 run resumes to the weights of an uninterrupted one."""
+    def cfg():
+        c = _run_config(steps=8)
+        c.precision = "fp16"
+        return c
+    full = fit(cfg(), tmp_path / "full", progress=False, dataset=ds16)
+    assert full.precision == "fp16"
+    a = checkpoint.load(tmp_path / "full" / "checkpoints" / "last.pt")
+    assert a["train_config"]["precision"] == "fp16" and a["grad_scaler"]["scale"] > 1
+    assert yaml.safe_load((tmp_path / "full" / "config.yaml").read_text())["precision"] == "fp16"
+
+    def stop(step: int) -> None:
+        if step == 3:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        fit(cfg(), tmp_path / "part", progress=False, dataset=ds16, on_step=stop)
+    fit(cfg(), tmp_path / "part", resume=True, progress=False, dataset=ds16)
+    b = checkpoint.load(tmp_path / "part" / "checkpoints" / "last.pt")
+    _states_equal(a["model"], b["model"])
+    assert a["grad_scaler"] == b["grad_scaler"]
+
+
 def test_resume_errors(ds16, tmp_path: Path) -> None:
     with pytest.raises(FewshotError, match="nothing to resume"):
         fit(_run_config(steps=4), tmp_path / "fresh", resume=True, progress=False, dataset=ds16)

@@ -40,7 +40,10 @@ class RunConfig:
     labels: Optional[str] = None
     #: regular expression searched in each image name of the flat --data folder; its first group is the class
     label_pattern: Optional[str] = None
-    size: Any = 28              #: image size (int or [h, w])
+    #: image size: N, [height, width] or auto (the data's own: Omniglot and glyphs 28, CIFAR-100 32,
+    #: mini-ImageNet 84, an image folder its images' median size with the longer side at most 84; channels
+    #: left unset then follow the data too, RGB for colour images); resolved and recorded by the run
+    size: Any = 28
     channels: Optional[int] = None   #: 1 (grey) or 3 (RGB): image folders (default 1), mini-ImageNet (default 3)
     invert: Optional[bool] = None    #: image folders: invert intensities
     #: memory-map the decoded images instead of loading them: auto (when they exceed 2 GiB, e.g. tiered-ImageNet;
@@ -94,14 +97,14 @@ class RunConfig:
     #: (pseudo-episodes of jittered support copies, fewshot.finetune) before it predicts; 0 = off. Used by the
     #: final test, `fewshot eval` and `fewshot predict` unless they are given --finetune-steps
     finetune_steps: int = 0
-    finetune_lr: float = 1e-4   #: test-time fine-tuning: Adam learning rate (more than 0 when fine-tuning)
+    finetune_lr: float = 1e-3   #: test-time fine-tuning: Adam learning rate (more than 0 when fine-tuning)
     #: epochs of supervised pretraining before meta-training: the method's backbone and a linear classifier
     #: over all training classes, on shuffled mini-batches of the training images (fewshot.pretrain); 0 = none
     pretrain_epochs: int = 0
     pretrain_lr: float = 1e-3   #: pretraining: Adam learning rate, cosine-annealed to 0 over the epochs
     pretrain_batch: int = 64    #: pretraining: training images per mini-batch
     device: str = "auto"
-    precision: str = "auto"     #: auto | fp32 | bf16 (resolved and recorded)
+    precision: str = "auto"     #: auto | fp32 | bf16 | fp16 (autocast + gradient scaler; resolved and recorded)
     channels_last: Any = "auto"  #: auto | true | false (resolved and recorded)
     seed: int = 0
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -323,10 +326,12 @@ def check_fields(obj, free=()) -> None:
 
 def check_size(size) -> tuple:
     """An image size (``N`` or ``[height, width]``, positive integers) as ``(h, w)``; else an error naming
-    ``size``."""
+    ``size``. ``"auto"`` (resolved from the data when a run starts) passes as ``None``."""
+    if size == "auto":
+        return None
     parts = [size] if not isinstance(size, (list, tuple)) else list(size)
     if (len(parts) not in (1, 2) or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in parts)):
-        raise _bad("size", "a positive integer N or [height, width]", size)
+        raise _bad("size", "a positive integer N, [height, width] or auto", size)
     return (parts[0], parts[0]) if len(parts) == 1 else (parts[0], parts[1])
 
 

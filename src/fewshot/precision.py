@@ -7,7 +7,8 @@ import torch
 
 from .errors import FewshotError
 
-PRECISIONS = ("fp32", "bf16")
+#: fp32; bf16 autocast; fp16 autocast with a gradient scaler (dynamic loss scaling, :func:`grad_scaler`)
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -115,10 +116,20 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def autocast(device: torch.device, precision: str):
-    """Mixed-precision context: bf16 autocast for convolutions and matrix products, fp32 elsewhere."""
+    """Mixed-precision context: bf16 (or fp16) autocast for convolutions and matrix products, fp32 elsewhere."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
+    if precision == "fp16":
+        return torch.autocast(device.type, dtype=torch.float16)
     return contextlib.nullcontext()
+
+
+def grad_scaler(device: torch.device, precision: str):
+    """The gradient scaler fp16 training needs (fp16's narrow exponent range underflows small gradients
+    unless the loss is scaled up first; the scale adapts, halving on overflow), ``None`` for fp32/bf16.
+    For the gradient-based family it scales the outer loss only: inner-loop gradients are taken unscaled,
+    which is why ``auto`` picks bf16, never fp16."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
 
 def resolve_channels_last(channels_last: str | bool, device: torch.device) -> bool:

@@ -26,7 +26,7 @@ from .errors import FewshotError
 from .methods.base import DataInfo, Method
 from .evaluate import EvalResult, evaluate
 from .models import set_channels_last
-from .precision import autocast, resolve_channels_last, resolve_device, resolve_precision
+from .precision import PRECISIONS, autocast, resolve_channels_last, resolve_device, resolve_precision
 from .train import TrainResult, train
 from .finetune import check_finetune, find_finetune, with_finetune
 from .tta import with_tta
@@ -242,7 +242,9 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
                 folder.write_text(f"classes_{name}.txt", "".join(n + "\n" for n in part.names))
     distributed.on_main(prepare_folder, "preparing the run folder")     # rank 0 writes, the others wait
     meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
-    # the pretraining stage (--pretrain-epochs); skipped by a resume past it
+    # the pretraining stage (--pretrain-epochs); skipped by a resume past it. Not rank-aware yet: under torchrun
+    # every rank runs it whole and writes its files (train() then starts every rank from rank 0's weights);
+    # rank 0 writing alone (fewshot.distributed.is_main) and shared batches belong in pretrain.py
     resume = pretrain.run_stage(method, train_ds, cfg, out, device, resume=resume, progress=progress,
                                 on_step=on_step)
     result = train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
@@ -500,7 +502,7 @@ def load_run(path: str | Path, which: str = "best", device=None, backbone=None) 
     channels_last = resolve_channels_last(cfg.channels_last, dev)
     set_channels_last(method, channels_last)
     method.eval()
-    precision = resolve_precision(cfg.precision if cfg.precision in ("fp32", "bf16") else "auto", dev)
+    precision = resolve_precision(cfg.precision if cfg.precision in PRECISIONS else "auto", dev)
     return Run(method, cfg, preprocess, run_dir, dev, precision, ck)
 
 
@@ -650,7 +652,7 @@ def adaptation_curve(run: Run, data: Optional[str] = None, episodes: Optional[in
         raise FewshotError(f"--data {family} tasks have observations of shape {tuple(sampler.in_shape)}, but "
                            f"this run was trained on {tuple(run.checkpoint['in_shape'])}")
     curve = evaluate_adaptation(run.method, sampler, episodes, tuple(steps), rollouts=shots)
-    if save:
+    if save and distributed.is_main():          # under torchrun: rank 0 writes
         path = run.path / "eval" / f"adaptation-{family.replace(':', '-')}-{shots}r-seed{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"data": family, "tasks": episodes, "rollouts_per_step": shots, "seed": seed,
@@ -692,7 +694,7 @@ def pair_metrics(run: Run, data: Optional[str] = None, pairs: int = 1000, seed: 
     res = run.method.pair_metrics(ds, pairs=pairs, seed=seed)
     if res is None:
         return None
-    if save:
+    if save and distributed.is_main():          # under torchrun: rank 0 writes
         (run.path / "eval").mkdir(parents=True, exist_ok=True)
         tag = f"pairs-{pairs}-seed{seed}" + ("" if data is None else "-" + Path(data).name)
         (run.path / "eval" / f"{tag}.json").write_text(json.dumps(
@@ -771,7 +773,8 @@ def lake_eval(run: Run, path: str, tta: Optional[int] = None) -> dict:
         wrong_total += wrong
         n_total += len(r.labels)
     res = {"runs": per_run, "error_rate": 100.0 * wrong_total / max(n_total, 1), "n": n_total, "tta": copies}
-    (run.path / "eval").mkdir(parents=True, exist_ok=True)
-    (run.path / "eval" / "lake_runs.json").write_text(json.dumps(res, indent=1))
-    rundir.record(run.path / "eval" / "lake_runs.json")
+    if distributed.is_main():                   # under torchrun: rank 0 writes
+        (run.path / "eval").mkdir(parents=True, exist_ok=True)
+        (run.path / "eval" / "lake_runs.json").write_text(json.dumps(res, indent=1))
+        rundir.record(run.path / "eval" / "lake_runs.json")
     return res

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -39,7 +40,7 @@ from .errors import FewshotError
 from .evaluate import evaluate
 from .explicit import tracks_explicit
 from .models import set_channels_last
-from .precision import autocast
+from .precision import autocast, grad_scaler
 
 SCHEDULES = ("step", "plateau", "linear", "none")
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
@@ -70,7 +71,7 @@ class TrainConfig:
     grad_clip: float = 0.0          #: clip the gradient norm (0: off)
     grad_clip_value: float = 0.0    #: clip each gradient component to [-v, v] (0: off; the NTM uses 10)
     log_every: int = 10             #: metric rows every this many steps
-    precision: str = "fp32"         #: fp32 | bf16 (resolved from "auto" by the caller)
+    precision: str = "fp32"         #: fp32 | bf16 | fp16 (with dynamic loss scaling; resolved from "auto" by the caller)
     channels_last: bool = False
     seed: int = 0                   #: seeds torch's global RNG (dropout, init) at the start of a run
     time_limit_s: float = 0.0       #: stop once this much training time has passed (0: no limit)
@@ -220,7 +221,7 @@ class _StopRequest:
             self._previous = None
 
 
-def _step_gradients(method, episode, config: TrainConfig, device) -> tuple:
+def _step_gradients(method, episode, config: TrainConfig, device, scaler=None) -> tuple:
     """Loss (a float) and metrics of one step, with its gradient accumulated in ``.grad``: on this rank's
     share of ``episode`` (all of it in one process), in forward passes of ``config.task_group`` tasks each
     (their mean loss). Each group starts from the step's starting buffers (running statistics); floating
@@ -247,7 +248,8 @@ def _step_gradients(method, episode, config: TrainConfig, device) -> tuple:
                     b.copy_(s)
         with autocast(device, config.precision):
             loss, metrics = method.loss(g)
-        (loss / len(groups) if len(groups) > 1 else loss).backward()
+        scaled = scaler.scale(loss) if scaler is not None else loss     # fp16: the loss-scaled gradient
+        (scaled / len(groups) if len(groups) > 1 else scaled).backward()
         total += float(loss.detach())        # one host sync per group, reused below
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + float(v)
@@ -291,6 +293,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
     set_channels_last(method, config.channels_last)
     opt = make_optimizer(method, config)
     sched = make_scheduler(opt, config)
+    scaler = grad_scaler(device, config.precision)     # fp16 only: dynamic loss scaling (None otherwise)
     step, best, elapsed = 0, -math.inf, 0.0
     loss_start: Optional[float] = None        # |loss| of the run's first step: the level explosions are judged by
     last_path = ckdir / "last.pt"
@@ -315,6 +318,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
         opt.load_state_dict(ck["optimizer"])
         if sched is not None and ck.get("scheduler") is not None:
             sched.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("grad_scaler") is not None:
+            scaler.load_state_dict(ck["grad_scaler"])
         sampler.load_state_dict(ck["sampler"])
         torch.set_rng_state(ck["torch_rng"])
         step, best, elapsed = int(ck["step"]), float(ck["best_val"]), float(ck["train_time_s"])
@@ -330,6 +335,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
         return {**(meta or {}), "method": method.name, "method_config": method.config_dict(),
                 "in_shape": list(method.in_shape), "model": method.state_dict(), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict() if sched is not None else None, "sampler": sampler.state_dict(),
+                "grad_scaler": scaler.state_dict() if scaler is not None else None,
                 "torch_rng": torch.get_rng_state(), "step": step, "best_val": best, "train_time_s": elapsed,
                 "kind": kind, "train_config": asdict(config), "device": str(device), "loss_start": loss_start}
 
@@ -372,7 +378,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                 ep = sampler.sample()
                 opt.zero_grad(set_to_none=True)
                 # this rank's share of the tasks, gradients and numbers averaged over the ranks
-                loss_value, metrics = _step_gradients(method, ep, config, device)
+                loss_value, metrics = _step_gradients(method, ep, config, device, scaler)
                 if not math.isfinite(loss_value):        # before the optimiser step: a diverged step changes nothing
                     raise FewshotError(f"training diverged at step {step + 1} (loss {loss_value:.3g}); lower --lr")
                 if loss_start is None:
@@ -383,13 +389,21 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                          f"{EXPLOSION_FACTOR:g}x its starting level {max(loss_start, EXPLOSION_FLOOR):.3g}; "
                          f"the learning rate {opt.param_groups[0]['lr']:.3g} is probably too high (try a "
                          "lower --lr)")
+                if scaler is not None:
+                    scaler.unscale_(opt)         # clipping and the step see the true gradient
                 if config.grad_clip_value > 0:
                     torch.nn.utils.clip_grad_value_(method.parameters(), config.grad_clip_value)
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(method.parameters(), config.grad_clip)
-                opt.step()
+                if scaler is not None:
+                    scaler.step(opt)             # skipped when the scaled gradient overflowed
+                    scaler.update()
+                else:
+                    opt.step()
                 if isinstance(sched, (torch.optim.lr_scheduler.StepLR, torch.optim.lr_scheduler.LambdaLR)):
-                    sched.step()
+                    with warnings.catch_warnings():     # a step the gradient scaler skipped still counts
+                        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                        sched.step()
                 step += 1
                 now = time.perf_counter()
                 elapsed += now - t_last

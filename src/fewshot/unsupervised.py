@@ -294,7 +294,7 @@ def learn_embedding(pool: torch.Tensor, spec: TaskSpec, seed: int = 0, device="c
       1e-3); the embedding is the encoder's output (before the head), L2-normalised, as SimCLR uses it.
     """
     from .models import Conv4
-    from .precision import autocast
+    from .precision import autocast, grad_scaler
     if spec.embedding == "pixels":
         return Embedding("pixels")
     if spec.embedding == "pca":
@@ -318,6 +318,7 @@ def learn_embedding(pool: torch.Tensor, spec: TaskSpec, seed: int = 0, device="c
         head = nn.Sequential(nn.Linear(d, 256), nn.ReLU(inplace=True), nn.Linear(256, 64)).to(device)
     params = list(enc.parameters()) + list(head.parameters())
     opt = torch.optim.Adam(params, lr=1e-3)
+    scaler = grad_scaler(device, precision)
     g = torch.Generator(device=device).manual_seed(seed)
     xd = pool.to(device)                               # uint8 on the device; a batch is scaled when drawn
     n, b = xd.shape[0], min(spec.batch, xd.shape[0])
@@ -330,8 +331,13 @@ def learn_embedding(pool: torch.Tensor, spec: TaskSpec, seed: int = 0, device="c
             z = head(enc(views.reshape(2 * b, *xd.shape[1:])).flatten(1))
         loss = nt_xent(z[:b], z[b:], spec.temperature)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is not None:          # fp16: dynamic loss scaling
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        else:
+            loss.backward()
+            opt.step()
         if log is not None and (step + 1) % max(1, spec.steps // 5) == 0:
             log(f"contrastive embedding: step {step + 1}/{spec.steps}, NT-Xent {loss.item():.3f}, "
                 f"{time.time() - t0:.0f} s")
@@ -537,7 +543,7 @@ class CactusSampler(_PoolSampler):
     Args:
         pool: the unlabelled training images (:func:`image_pool`).
         spec: the ``--tasks cactus:...`` settings.
-        precision: autocast precision for the contrastive encoder ("fp32" or "bf16").
+        precision: autocast precision for the contrastive encoder ("fp32", "bf16" or "fp16").
         log: where progress lines go (``None``: silent).
         cache: keep the partitions in the fewshot cache folder (see :meth:`prepare`).
         The rest as for :class:`~fewshot.episodes.EpisodeSampler` (``transform`` jitters every episode image).
