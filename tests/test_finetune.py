@@ -166,3 +166,37 @@ def test_cli_eval_and_predict(capsys, tmp_path: Path, image_root: Path) -> None:
                            "--finetune-steps", "2", "--finetune-lr", "0.001", "--out", tmp_path / "p.csv")
     assert rc == 0, err
     assert len(out.strip().splitlines()) == 3
+
+
+# ------------------------------------------------------------------------------------------ small-data defaults
+def test_native_settings_of_a_folder(tmp_path: Path) -> None:
+    from PIL import Image
+    from fewshot.data.native import folder_settings, native_settings
+    for c in range(2):                      # 92x112 colour photos (width x height), like the face set
+        (tmp_path / "faces" / f"p{c}").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (92, 112), (40 * i, 10, 200)).save(tmp_path / "faces" / f"p{c}" / f"{i}.jpg")
+    assert folder_settings(tmp_path / "faces") == ((84, 69), 3)     # the longer side capped at 84
+    (tmp_path / "grey" / "a").mkdir(parents=True)
+    Image.new("L", (32, 32)).save(tmp_path / "grey" / "a" / "x.png")
+    assert folder_settings(tmp_path / "grey") == ((32, 32), 1)
+    assert native_settings("omniglot", "omniglot") == ((28, 28), 1)    # the measured Omniglot defaults
+    assert native_settings("mini-imagenet", "mini-imagenet") == ((84, 84), 3)
+
+
+def test_defaults_fit_small_data(capsys, tmp_path: Path) -> None:
+    import fewshot as fs
+    from conftest import make_image_folder
+    data = make_image_folder(tmp_path / "data", n_classes=8, per_class=7, size=20)
+    cfg = fs.RunConfig(method="protonet", data=str(data), size="auto", split="fraction:0.25", val_fraction=0)
+    cfg.train.episodes, cfg.train.val_every = 2, 0
+    run = fs.fit(cfg, tmp_path / "run", progress=False)
+    err = capsys.readouterr().err
+    # protonet's recipe is 60-way 5-shot 5-query: 6 training classes of 7 images give 6 ways and 2 queries
+    assert (run.config.ways, run.config.shots, run.config.queries) == (6, 5, 2)
+    assert "training episodes of 6 ways" in err and "2 queries per class" in err
+    assert run.preprocess.size == (20, 20) and fs.RunConfig.load(tmp_path / "run" / "config.yaml").size == [20, 20]
+    # a value the user set is theirs: the sampler refuses it rather than changing it
+    cfg = fs.RunConfig(method="protonet", data=str(data), ways=7, split="fraction:0.25", val_fraction=0)
+    with pytest.raises(FewshotError, match="7 ways"):
+        fs.fit(cfg, tmp_path / "run2", progress=False)

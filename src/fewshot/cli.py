@@ -491,7 +491,7 @@ def _finetune_flags(p) -> None:
                         "support set (jittered support copies as pseudo-queries) before predicting; metric "
                         "methods only (default: the run's setting, 0 = off)")
     p.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
-                   help="test-time fine-tuning learning rate (default: the run's setting, 1e-4)")
+                   help="test-time fine-tuning learning rate (default: the run's setting, 1e-3)")
 
 
 def _common(p) -> None:
@@ -555,7 +555,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return _broken_pipe()
     except KeyboardInterrupt as e:
         from .train import TrainingInterrupted     # says what was saved; any other Ctrl-C came outside training
-        print(f"fewshot: {e}" if isinstance(e, TrainingInterrupted) else "fewshot: interrupted", file=sys.stderr)
+        print(f"fewshot: {_rank_tag()}{e}" if isinstance(e, TrainingInterrupted) else "fewshot: interrupted",
+              file=sys.stderr)
         return 130
 
 
