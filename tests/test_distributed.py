@@ -212,17 +212,41 @@ def test_ctrl_c_stops_every_rank_after_the_same_step(data, tmp_path, capsys, lon
     assert_same_state(last(run), long_reference, atol=1e-4)
 
 
+def test_a_rank_that_stops_answering_ends_the_run_after_the_timeout(data, tmp_path) -> None:
+    """A rank that hangs (SIGSTOP: alive, so torchrun does not notice) leaves rank 0 waiting in a collective
+    for $FEWSHOT_DIST_TIMEOUT seconds; then rank 0 stops with one line, torchrun ends the rest (SIGTERM,
+    then SIGKILL after its own 30 s), and last.pt is the last complete checkpoint."""
+    run = tmp_path / "run"
+    env = dict(os.environ, FEWSHOT_DIST_TIMEOUT="5")
+    proc = subprocess.Popen([sys.executable, "-m", "fewshot", *map(str, long_args(data, run)), "--nproc", "2"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(proc, run / "checkpoints" / "last.pt")
+        os.kill(_rank_pid(proc.pid, 1), signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    # rank 0 gives up 5 s after the stop; torchrun then waits its fixed 30 s before killing the stopped rank
+    assert time.monotonic() - stopped < 5 + 30 + 55
+    assert proc.returncode == 1, err
+    assert "fewshot: error: rank 0:" in err and "did not answer within 5 s" in err and "--resume" in err
+    assert 10 <= last(run)["step"] < LONG
+
+
 def test_eval_on_two_ranks_prints_one_process_accuracy(protonet_runs, capsys) -> None:
     one, _ = protonet_runs
     args = ["eval", one, "--episodes", "60", "--ways", "2", "--no-progress"]     # 60: uneven shares of 25
     rc, out, err = here(capsys, args)
     assert rc == 0, err
-    csv_one = (one / "eval" / "2w1s2q-seed0.csv").read_text()
+    (csv,) = (one / "eval").glob("2w1s*-seed0.csv")
+    csv_one = csv.read_text()
     res = launch(args + ["--nproc", "2"])
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0] == out.splitlines()[0]
     assert "60 episodes" in out
-    assert (one / "eval" / "2w1s2q-seed0.csv").read_text() == csv_one     # episode order kept
+    assert csv.read_text() == csv_one       # rank 0 wrote every episode's score, in episode order
 
 
 # ------------------------------------------------------------------------------------------ bad inputs
@@ -258,6 +282,15 @@ def test_single_process_is_a_no_op(monkeypatch) -> None:
     assert distributed.gather_in_order([0, 1], [0.5, 0.25]) == ([0.5, 0.25],)
     assert distributed.init("cpu") == torch.device("cpu") and not distributed.active()
     distributed.check_batch(3)
+
+
+def test_batch_must_split_equally_and_backend_follows_the_device(monkeypatch) -> None:
+    monkeypatch.setattr(distributed, "world", lambda: 2)
+    with pytest.raises(FewshotError, match="--batch 3: 2 ranks cannot share 3 tasks per step equally"):
+        distributed.check_batch(3)
+    distributed.check_batch(4)
+    assert distributed.backend(torch.device("cpu")) == "gloo"
+    assert distributed.backend(torch.device("cuda", 1)) == "nccl"
 
 
 def test_timeout_setting_is_checked(monkeypatch) -> None:
