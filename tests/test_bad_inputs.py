@@ -275,6 +275,8 @@ CASES = [
     Case("concept-data-one-class",
          lambda c: c.train("--concept-data", make_image_folder(c.tmp / "one", n_classes=1, per_class=4, size=16)),
          lambda c: ("--concept-data", "1 class")),
+    Case("concept-classes-too-many", lambda c: c.train("--concept-data", c.images, "--concept-classes", "9"),
+         lambda c: ("--concept-classes 9", "8 classes")),
     Case("concept-data-on-a-task-family",
          lambda c: ["train", "maml", "--data", "sine", "--out", c.tmp / "out", "--episodes", "2", "--batch", "2",
                     "--val-every", "0", "--no-eval", "--no-progress", "--concept-data", c.images],

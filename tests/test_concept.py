@@ -146,3 +146,12 @@ def test_a_concept_run_evaluates_without_the_external_data(external, image_root,
     assert type(run.method).__name__ == "ProtoNet" and run.config.concept_data == str(ext)
     state = run.method.state_dict()
     assert _equal(state, concept.method_state(_model(out, "best")))
+
+
+def test_concept_classes_picks_a_seeded_subset(external) -> None:
+    ds = concept.load_external(str(external), 16, None, (1, 16, 16), classes=3, seed=1)
+    again = concept.load_external(str(external), 16, None, (1, 16, 16), classes=3, seed=1)
+    whole = concept.load_external(str(external), 16, None, (1, 16, 16))
+    assert len(ds) == 3 and ds.names == again.names and set(ds.names) < set(whole.names)
+    cfg = _cfg(concept_data=str(external), concept_classes=3)
+    assert build_method(cfg, (1, 16, 16)).concept.classifier.out_features == 3

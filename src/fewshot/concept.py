@@ -8,7 +8,8 @@ Three parts, updated jointly by one optimiser on ``L = L_meta + lambda * L_D``:
 - the **meta-learner**, the method itself working on G's output, with its own loss ``L_meta`` (prototypes,
   an inner loop, ...); nothing of it changes;
 - the **concept discriminator** D: a linear classifier over the classes of an *external labelled* data set
-  (``--concept-data``, e.g. the built-in ``glyphs`` for Omniglot), applied to G's flattened features of a
+  (``--concept-data``, e.g. the built-in ``glyphs`` for Omniglot; ``--concept-classes N``: a seeded random N of
+  its classes), applied to G's flattened features of a
   mini-batch of ``--concept-batch`` external images; ``L_D`` is its cross-entropy and its gradient reaches G
   (weighted by ``lambda``, ``--concept-weight``) as well as D.
 
@@ -159,9 +160,10 @@ def feature_size(method: nn.Module) -> int:
     return int(z[0].numel())
 
 
-def load_external(spec: str, size, channels: Optional[int], in_shape: tuple):
+def load_external(spec: str, size, channels: Optional[int], in_shape: tuple, classes: int = 0, seed: int = 0):
     """The external labelled set ``spec`` (a ``--data`` name or path) at the run's image size and channels,
-    checked against the method's input shape and for at least two classes."""
+    checked against the method's input shape and for at least two classes; ``classes`` > 0 keeps that many of
+    them, chosen at random by ``seed`` (in their original order)."""
     from . import data as fsdata
     try:
         ds = fsdata.load(spec, size=size, channels=channels)
@@ -172,17 +174,24 @@ def load_external(spec: str, size, channels: Optional[int], in_shape: tuple):
                            f"has {tuple(in_shape)}; the concept discriminator needs the same kind of images")
     if len(ds) < 2:
         raise FewshotError(f"--concept-data {spec} has {len(ds)} class; the concept discriminator needs at least 2")
+    if classes:
+        if not 2 <= classes <= len(ds):
+            raise FewshotError(f"--concept-classes {classes}: --concept-data {spec} has {len(ds)} classes; choose "
+                               f"2 to {len(ds)} (0: all)")
+        pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:classes]
+        ds = ds.subset(sorted(int(c) for c in pick))
     return ds
 
 
 def with_concept(method: nn.Module, cfg) -> nn.Module:
     """``method`` wrapped by :class:`ConceptSpace` as ``cfg`` (a :class:`~fewshot.config.RunConfig`) asks with
-    ``concept_data``, ``concept_weight`` and ``concept_batch``; ``method`` itself when ``concept_data`` is unset."""
+    ``concept_data``, ``concept_weight``, ``concept_batch`` and ``concept_classes``; ``method`` itself when
+    ``concept_data`` is unset."""
     if cfg.concept_data is None:
         return method
     if not method.has_embedding:
         raise FewshotError(f"--concept-data needs a method with an embedding of its inputs; {method.name} has none "
                            f"(use e.g. protonet, matching, maml, metasgd or reptile)")
-    ds = load_external(cfg.concept_data, cfg.size, cfg.channels, method.in_shape)
-    return ConceptSpace(method, ds, ds.labels(), len(ds), cfg.concept_weight, cfg.concept_batch,
-                        cfg.seed + SEED_OFFSET)
+    seed = cfg.seed + SEED_OFFSET
+    ds = load_external(cfg.concept_data, cfg.size, cfg.channels, method.in_shape, cfg.concept_classes, seed)
+    return ConceptSpace(method, ds, ds.labels(), len(ds), cfg.concept_weight, cfg.concept_batch, seed)

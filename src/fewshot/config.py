@@ -78,6 +78,9 @@ class RunConfig:
     concept_data: Optional[str] = None
     concept_weight: float = 1.0  #: DEML: lambda, the weight of the concept discriminator's loss (0: left out)
     concept_batch: int = 64     #: DEML: external images per training step
+    #: DEML: use this many of the external set's classes, a seeded random choice (0: all); a short run's
+    #: discriminator learns a few hundred classes where it cannot learn thousands
+    concept_classes: int = 0
     #: validation ways (default: 5, at most the validation classes and a fixed head's size)
     val_ways: Optional[int] = None
     val_shots: int = 1
