@@ -258,6 +258,7 @@ def test_eval_on_two_ranks_prints_one_process_accuracy(protonet_runs, capsys) ->
      "--rdzv-endpoint no-such-host.invalid:29400: cannot resolve host"),
     (["--nproc", "2", "--nnodes", "2", "--rdzv-endpoint", "29400"], "expected HOST:PORT"),
     (["--nnodes", "2"], "give --nproc too"),
+    (["--task-group", "3"], "--task-group 3 does not divide the 2 tasks each process takes per step"),
 ])
 def test_bad_launch_flags_are_one_line_errors(flags, message, data, tmp_path, capsys) -> None:
     rc, _, err = here(capsys, train_args("protonet", data, tmp_path / "run", 1) + flags)
@@ -289,6 +290,9 @@ def test_batch_must_split_equally_and_backend_follows_the_device(monkeypatch) ->
     with pytest.raises(FewshotError, match="--batch 3: 2 ranks cannot share 3 tasks per step equally"):
         distributed.check_batch(3)
     distributed.check_batch(4)
+    with pytest.raises(FewshotError, match="--task-group 4 does not divide the 3 tasks each process takes"):
+        distributed.check_batch(6, 4)
+    distributed.check_batch(6, 3)
     assert distributed.backend(torch.device("cpu")) == "gloo"
     assert distributed.backend(torch.device("cuda", 1)) == "nccl"
 

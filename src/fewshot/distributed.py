@@ -174,11 +174,15 @@ def share(n: int) -> slice:
     return slice(round(r * n / w), round((r + 1) * n / w))
 
 
-def check_batch(batch: int) -> None:
-    """Training shares the global batch equally: ``batch`` tasks must be a multiple of the ranks."""
+def check_batch(batch: int, group: int = 0) -> None:
+    """Training shares the global batch equally: ``batch`` tasks must be a multiple of the ranks, and each
+    rank's share a multiple of the task ``group`` (``--task-group``; 0: the whole share)."""
     if batch % world():
         raise FewshotError(f"--batch {batch}: {world()} ranks cannot share {batch} tasks per step equally; use a "
                            f"multiple of {world()} (the global batch is the same on any number of ranks)")
+    if group and (batch // world()) % group:
+        raise FewshotError(f"--task-group {group} does not divide the {batch // world()} tasks each process takes "
+                           f"per step (--batch {batch} over {world()} rank(s))")
 
 
 # ------------------------------------------------------------------------------------------ collectives

@@ -193,6 +193,7 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
     user_set = explicit(cfg)            # before the method's literature settings fill the rest
     apply_run_defaults(cfg)
     cfg.check()
+    distributed.check_batch(cfg.batch, cfg.train.task_group)     # before the folder is touched
     if tasks.is_family(cfg.data):
         return _fit_family(cfg, out, folder, device, resume, progress, on_step, backbone, check_test)
     resolve_image_settings(cfg, dataset)

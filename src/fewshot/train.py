@@ -228,12 +228,9 @@ def _step_gradients(method, episode, config: TrainConfig, device, scaler=None) -
     buffers end as the start plus the groups' mean change, counters (``num_batches_tracked``) as after one
     group, as after one forward pass of the whole share; then :func:`fewshot.distributed.reduce_step`
     averages gradients, buffers and numbers over the ranks. Returns ``(loss, metrics)``, averaged."""
-    distributed.check_batch(episode.batch)
+    distributed.check_batch(episode.batch, config.task_group)
     part = episode.tasks(distributed.share(episode.batch)) if distributed.active() else episode
     size = config.task_group or part.batch
-    if part.batch % size:
-        raise FewshotError(f"--task-group {size} does not divide the {part.batch} tasks each process takes per "
-                           f"step (--batch {episode.batch} over {distributed.world()} rank(s))")
     groups = [part.tasks(slice(i, i + size)) for i in range(0, part.batch, size)] if size < part.batch else [part]
     bufs = [b for b in method.buffers() if b.is_floating_point()]
     start = [b.detach().clone() for b in bufs] if len(groups) > 1 or distributed.active() else None
