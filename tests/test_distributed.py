@@ -162,11 +162,12 @@ def start_ranks(args: list) -> subprocess.Popen:
 
 
 def wait_for(proc: subprocess.Popen, path: Path) -> None:
+    """Until ``path`` appears (the first checkpoint, at step 10 of LONG: the run goes on long after)."""
     deadline = time.monotonic() + 240
     while not path.exists():
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline
-        time.sleep(0.05)
+        time.sleep(0.01)
 
 
 def test_killed_rank_stops_the_run_and_it_resumes_exactly(data, tmp_path, long_reference) -> None:
