@@ -161,7 +161,7 @@ def _collective(what: str, fn: Callable):
         return fn()
     except RuntimeError as e:       # DistBackendError, a gloo timeout or a closed connection
         raise DistributedError(
-            f"rank {rank()}: {what} failed: another rank stopped or did not answer within {timeout_s():g} s "
+            f"rank {rank()}: {what} failed: another rank stopped, or did not answer within {timeout_s():g} s "
             f"(${TIMEOUT_ENV}) [{_first_line(e)}]; checkpoints/last.pt holds the last complete checkpoint: "
             "continue with --resume") from None
 
