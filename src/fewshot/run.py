@@ -194,7 +194,7 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
     apply_run_defaults(cfg)
     cfg.check()
     distributed.check_batch(cfg.batch, cfg.train.task_group)     # before the folder is touched
-    if tasks.is_family(cfg.data):
+    if dataset is None and tasks.is_family(cfg.data):      # classes given in Python take precedence
         return _fit_family(cfg, out, folder, device, resume, progress, on_step, backbone, check_test)
     resolve_image_settings(cfg, dataset)
     if dataset is not None:
