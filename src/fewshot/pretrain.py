@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -38,7 +39,7 @@ from .augment import build_transform
 from .data.images import to_float
 from .errors import FewshotError
 from .models import set_channels_last
-from .precision import autocast
+from .precision import autocast, grad_scaler
 from .train import TrainConfig, TrainingInterrupted, _Logger, _StopRequest, make_optimizer
 
 #: the stage's checkpoint, in the run's ``checkpoints/`` folder
@@ -133,6 +134,7 @@ def run_stage(method, train_ds, cfg, out: str | Path, device, resume: bool = Fal
     params = nn.ModuleList([net, classifier])
     opt = make_optimizer(params, TrainConfig(optimizer="adam", lr=cfg.pretrain_lr))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _cosine(total))
+    scaler = grad_scaler(device, tc.precision)         # fp16 only: dynamic loss scaling
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed)
     step, elapsed, sums = 0, 0.0, [0.0, 0.0]      # sums: loss and accuracy over the epoch's steps so far
@@ -151,6 +153,8 @@ def run_stage(method, train_ds, cfg, out: str | Path, device, resume: bool = Fal
         classifier.load_state_dict(ck["classifier"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
+        if scaler is not None and ck.get("grad_scaler") is not None:
+            scaler.load_state_dict(ck["grad_scaler"])
         gen.set_state(ck["generator"])
         torch.set_rng_state(ck["torch_rng"])
         step, elapsed, sums = int(ck["step"]), float(ck["train_time_s"]), list(ck["sums"])
@@ -170,6 +174,7 @@ def run_stage(method, train_ds, cfg, out: str | Path, device, resume: bool = Fal
         checkpoint.save({"kind": KIND, "method": method.name, "model": method.state_dict(),
                          "classifier": classifier.state_dict(), "optimizer": opt.state_dict(),
                          "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                         "grad_scaler": scaler.state_dict() if scaler is not None else None,
                          "torch_rng": torch.get_rng_state(), "step": step, "epoch": step // per_epoch,
                          "sums": list(sums), "train_time_s": elapsed, "done": done, "images": n_images,
                          "classes": n_classes, "device": str(device),
@@ -203,9 +208,16 @@ def run_stage(method, train_ds, cfg, out: str | Path, device, resume: bool = Fal
                     raise FewshotError(f"pretraining diverged at step {step + 1} (loss {loss_value:.3g}); "
                                        "lower --pretrain-lr")
                 opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
+                if scaler is not None:
+                    scaler.scale(loss).backward()
+                    scaler.step(opt)          # skipped when the scaled gradient overflowed
+                    scaler.update()
+                else:
+                    loss.backward()
+                    opt.step()
+                with warnings.catch_warnings():     # a step the gradient scaler skipped still counts
+                    warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+                    sched.step()
                 step += 1
                 sums[0] += loss_value
                 sums[1] += float((logits.detach().argmax(-1) == y).float().mean())
