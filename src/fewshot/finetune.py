@@ -140,8 +140,8 @@ class TestTimeFinetune(nn.Module):
         sx, sy = support_x[:, order].float(), support_y[:, order]
         counts = torch.bincount(sy[0], minlength=ways)
         if bool((counts != counts[0]).any()) or int(counts[0]) == 0:
-            raise FewshotError(f"test-time fine-tuning needs the same number of support images in every class, "
-                               f"got {', '.join(str(int(c)) for c in counts)}")
+            raise FewshotError(f"--finetune-steps: test-time fine-tuning needs the same number of support images "
+                               f"in every class, got {', '.join(str(int(c)) for c in counts)}")
         shots, S, shape = int(counts[0]), sx.shape[1], sx.shape[2:]
         rep = sx.expand(self.views, S, *shape).unsqueeze(0)                      # [1, V, S, ...]
         qx = self.transform(rep, generator).view(self.views, ways, shots, *shape)
