@@ -17,8 +17,8 @@ Rows (each meta-trained for ``--minutes``; a row with the discriminator spends p
   15-query tasks, meta-batch 32, tested at 5 ways (10 test steps); ``maml-20`` / ``maml-20-l1``: 20-way 1-shot
   5-query tasks, meta-batch 8, tested at 20 ways; the ``-l1`` rows: lambda = 1, 200 glyph classes.
 
-Published (DEML, 5-way 1-shot): MAML 49.28 -> DEML+MAML 56.65 on CIFAR-100 (external set: 200 ImageNet classes),
-with a ResNet-50-based concept generator; no Omniglot row is published.
+Published (DEML, 5-way 1-shot): MAML 49.28 -> DEML+MAML 56.65 on CIFAR-100 (external set: ImageNet classes; a
+far deeper concept generator than Conv-4); no Omniglot row is published.
 
 CIFAR-100 is not available here. Its stand-in (rows ``mini32-maml`` / ``mini32-maml-l1``, not run by default):
 mini-ImageNet (``--mini-data``, 100 classes x 600 images, CIFAR-100's shape) resized to 32x32 RGB, its
