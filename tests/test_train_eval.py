@@ -165,6 +165,23 @@ def test_fp16_trains_with_a_gradient_scaler_that_resumes_exactly(ds16, tmp_path:
     assert a["grad_scaler"] == b["grad_scaler"]
 
 
+def test_compiled_training_step_matches_eager_and_is_refused_where_it_cannot_apply(ds16, tmp_path: Path) -> None:
+    """--compile BACKEND runs the method's loss through torch.compile (aot_eager here: the tracing and
+    autograd of inductor without its C++ compile time); the losses and weights follow the eager run."""
+    runs = {}
+    for how in ("off", "aot_eager"):
+        fit(_run_config(steps=3, compile=how), tmp_path / how, progress=False, dataset=ds16)
+        runs[how] = checkpoint.load(tmp_path / how / "checkpoints" / "last.pt")["model"]
+    for k in runs["off"]:
+        assert torch.allclose(runs["off"][k].float(), runs["aot_eager"][k].float(), atol=1e-4), k
+    cfg = _run_config(steps=2, compile="aot_eager")
+    cfg.method, cfg.options = "maml", {"hidden": 8}
+    with pytest.raises(FewshotError, match="cannot be compiled"):
+        fit(cfg, tmp_path / "maml", progress=False, dataset=ds16)
+    with pytest.raises(FewshotError, match="unknown torch.compile backend"):
+        fit(_run_config(steps=2, compile="nosuch"), tmp_path / "bad", progress=False, dataset=ds16)
+
+
 def test_resume_errors(ds16, tmp_path: Path) -> None:
     with pytest.raises(FewshotError, match="nothing to resume"):
         fit(_run_config(steps=4), tmp_path / "fresh", resume=True, progress=False, dataset=ds16)

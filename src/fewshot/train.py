@@ -78,6 +78,9 @@ class TrainConfig:
     #: tasks per forward pass (0: all the tasks a process holds); batch norm then normalises over one group,
     #: so groups that divide each rank's share train alike on any number of ranks (see fewshot.distributed)
     task_group: int = 0
+    #: torch.compile the method's training loss: off, on (the inductor backend) or a torch.compile backend
+    #: name; only for methods whose step has no differentiation inside it (``Method.compilable``)
+    compile: str = "off"
 
     def check(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -221,7 +224,20 @@ class _StopRequest:
             self._previous = None
 
 
-def _step_gradients(method, episode, config: TrainConfig, device, scaler=None) -> tuple:
+def compiled_loss(method, how: str):
+    """``method.loss``, through ``torch.compile`` unless ``how`` is "off" (see :attr:`TrainConfig.compile`)."""
+    if how in ("off", "", None):
+        return method.loss
+    if not getattr(method, "compilable", False):
+        raise FewshotError(f"--compile {how}: the {method.name} training step cannot be compiled (it "
+                           "differentiates inside the step or has data-dependent control flow); leave --compile off")
+    if how != "on" and how not in torch._dynamo.list_backends(exclude_tags=()):
+        raise FewshotError(f"--compile {how}: unknown torch.compile backend; choose off, on or one of "
+                           f"{', '.join(torch._dynamo.list_backends())}")
+    return torch.compile(method.loss, backend="inductor" if how == "on" else how)
+
+
+def _step_gradients(method, episode, config: TrainConfig, device, scaler=None, loss_fn=None) -> tuple:
     """Loss (a float) and metrics of one step, with its gradient accumulated in ``.grad``: on this rank's
     share of ``episode`` (all of it in one process), in forward passes of ``config.task_group`` tasks each
     (their mean loss). Each group starts from the step's starting buffers (running statistics); floating
@@ -244,7 +260,7 @@ def _step_gradients(method, episode, config: TrainConfig, device, scaler=None) -
                 for b, s in list(zip(bufs, start)) + counters:
                     b.copy_(s)
         with autocast(device, config.precision):
-            loss, metrics = method.loss(g)
+            loss, metrics = (loss_fn or method.loss)(g)
         scaled = scaler.scale(loss) if scaler is not None else loss     # fp16: the loss-scaled gradient
         (scaled / len(groups) if len(groups) > 1 else scaled).backward()
         total += float(loss.detach())        # one host sync per group, reused below
@@ -291,6 +307,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
     opt = make_optimizer(method, config)
     sched = make_scheduler(opt, config)
     scaler = grad_scaler(device, config.precision)     # fp16 only: dynamic loss scaling (None otherwise)
+    loss_fn = compiled_loss(method, config.compile)
     step, best, elapsed = 0, -math.inf, 0.0
     loss_start: Optional[float] = None        # |loss| of the run's first step: the level explosions are judged by
     last_path = ckdir / "last.pt"
@@ -375,7 +392,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
                 ep = sampler.sample()
                 opt.zero_grad(set_to_none=True)
                 # this rank's share of the tasks, gradients and numbers averaged over the ranks
-                loss_value, metrics = _step_gradients(method, ep, config, device, scaler)
+                loss_value, metrics = _step_gradients(method, ep, config, device, scaler, loss_fn)
                 if not math.isfinite(loss_value):        # before the optimiser step: a diverged step changes nothing
                     raise FewshotError(f"training diverged at step {step + 1} (loss {loss_value:.3g}); lower --lr")
                 if loss_start is None:

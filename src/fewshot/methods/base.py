@@ -214,6 +214,11 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     #: "transductive" (a task's queries share batch statistics); gradient-based methods decide per config
     inference_mode: str = "inductive"
 
+    #: whether the training loss may go through ``torch.compile`` (``--compile``): a step without
+    #: differentiation inside it (the gradient-based family's inner loop) and without data-dependent
+    #: Python control flow; methods that qualify say so
+    compilable: ClassVar[bool] = False
+
     def post_train(self, train_dataset, seed: int = 0) -> Optional[dict]:
         """Called by :func:`fewshot.fit` on each saved checkpoint after training, with the training classes;
         returns a report stored in the checkpoint (the Siamese network calibrates its same/different

@@ -92,6 +92,8 @@ def encoder(method: Method) -> nn.Module:
 class ProtoNet(Method):
     """Prototypical network: nearest class mean in an embedding space (Snell et al. 2017)."""
 
+    compilable = True        #: one forward pass and the distances: torch.compile traces it whole
+
     @dataclass
     class Config(EncoderOptions):
         distance: str = "sqeuclidean"   #: sqeuclidean | euclidean | cosine | dot

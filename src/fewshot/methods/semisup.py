@@ -100,6 +100,8 @@ def refine_prototypes(protos: torch.Tensor, zs: torch.Tensor, ys: torch.Tensor, 
 class SemiSupervisedProtoNet(ProtoNet):
     """Semi-supervised prototypical network: soft k-means over unlabelled examples (Ren et al. 2018)."""
 
+    compilable = False       #: soft k-means refinement: not checked under torch.compile
+
     @dataclass
     class Config(EncoderOptions):
         mode: str = "kmeans"            #: kmeans | distractor | masked

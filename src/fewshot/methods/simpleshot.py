@@ -53,6 +53,8 @@ def transform(z: torch.Tensor, mode: str, mean: torch.Tensor) -> torch.Tensor:
 class SimpleShot(Method):
     """SimpleShot: nearest centroid on centred, L2-normalised features of a pretrained classifier (Wang et al. 2019)."""
 
+    compilable = True        #: its episodic loss is a plain forward pass (no step-internal differentiation)
+
     #: the backbone learns in the pretraining stage; a short episodic stage with a small learning rate follows
     run_defaults = {"pretrain_epochs": 20, "train": {"episodes": 100, "lr": 1e-4, "val_every": 100}}
 
