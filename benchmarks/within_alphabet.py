@@ -73,7 +73,7 @@ def write_episodes(path: Path, data: str, n: int) -> None:
     torch.save(out, path)
 
 
-def evaluate_on(method, episodes: dict, chunk: int = 25) -> dict:
+def evaluate_on(method, episodes: dict, chunk: int = 4) -> dict:
     """Per-episode accuracy (%) of a fewshot method on every test of the shared episode file."""
     method.eval()
     images = episodes["images"]
