@@ -243,9 +243,8 @@ def _fit(cfg: RunConfig, out: Path, folder: rundir.RunFolder, resume: bool, prog
                 folder.write_text(f"classes_{name}.txt", "".join(n + "\n" for n in part.names))
     distributed.on_main(prepare_folder, "preparing the run folder")     # rank 0 writes, the others wait
     meta = {"preprocess": ds.preprocess.to_dict(), "run_config": cfg.to_dict(), "data_source": ds.source}
-    # the pretraining stage (--pretrain-epochs); skipped by a resume past it. Not rank-aware yet: under torchrun
-    # every rank runs it whole and writes its files (train() then starts every rank from rank 0's weights);
-    # rank 0 writing alone (fewshot.distributed.is_main) and shared batches belong in pretrain.py
+    # the pretraining stage (--pretrain-epochs); skipped by a resume past it. Under torchrun every rank runs the
+    # same stage on the same batches and rank 0 alone writes (train() then starts every rank from rank 0's weights)
     resume = pretrain.run_stage(method, train_ds, cfg, out, device, resume=resume, progress=progress,
                                 on_step=on_step)
     result = train(method, sampler, cfg.train, out, val_sampler=val_sampler, resume=resume, meta=meta,
@@ -654,7 +653,7 @@ def adaptation_curve(run: Run, data: Optional[str] = None, episodes: Optional[in
                            f"this run was trained on {tuple(run.checkpoint['in_shape'])}")
     curve = evaluate_adaptation(run.method, sampler, episodes, tuple(steps), rollouts=shots)
     if save and distributed.is_main():          # under torchrun: rank 0 writes
-        path = run.path / "eval" / f"adaptation-{family.replace(':', '-')}-{shots}r-seed{seed}.json"
+        path = run.path / "eval" / f"adaptation-{tasks.family_tag(family)}-{shots}r-seed{seed}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"data": family, "tasks": episodes, "rollouts_per_step": shots, "seed": seed,
                                     "returns": {str(k): {"mean": m, "ci95": c} for k, (m, c) in curve.items()},
