@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, TEST_ALPHABETS, RowResults, add_row_options, drive_rows, exit_if_failed, machine, table
+from common import OMNIGLOT, TEST_ALPHABETS, RowResults, add_row_options, drive_rows, evaluate_settings, exit_if_failed, machine, table
 
 SETTINGS = [(5, 1), (20, 1)]
 MAML_OPTIONS = {"hidden": 64, "bn": "transductive", "inner_steps": 1, "inner_lr": 0.4, "test_steps": 10}
@@ -108,10 +108,8 @@ def run_row(key: str, a) -> dict:
                 "concept_ce": [sum(ce[:max(1, len(ce) // 10)]) / max(1, len(ce) // 10),
                                sum(ce[-max(1, len(ce) // 10):]) / max(1, len(ce) // 10)] if ce else None})
     episodes = a.maml_episodes if cfg.method == "maml" and a.maml_episodes else a.episodes
-    for w, k in ROWS[key][4]:
-        r = fs.evaluate_run(run, ways=w, shots=k, queries=15, episodes=episodes, progress=False)
+    for w, k, r, _ in evaluate_settings(run, ROWS[key][4], episodes):
         row["results"][f"{w}w{k}s"] = {"mean": r.mean, "ci95": r.ci95, "n": r.n, "mode": r.mode}
-        print(f"{key} {w}w{k}s: {r}", flush=True)
     row["wall_s"] = time.time() - t0
     return row
 

@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, TEST_ALPHABETS, RowResults, add_row_options, drive_rows, machine, table
+from common import OMNIGLOT, TEST_ALPHABETS, RowResults, add_row_options, drive_rows, evaluate_settings, machine, table
 
 SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5)]
 PUBLISHED = {"CACTUs-MAML": (68.84, 87.78, 48.09, 73.36), "CACTUs-ProtoNets": (68.12, 83.58, 47.75, 66.27),
@@ -110,10 +110,8 @@ def run_row(key: str, a) -> dict:
     row.update({"tasks": cfg.tasks, "method": cfg.method, "shape": ROWS[key][3], "train_s": res.train_time_s,
                 "steps": res.steps, "fit_wall_s": time.time() - t0, "results": {}})
     episodes = a.maml_episodes if cfg.method == "maml" and a.maml_episodes else a.episodes
-    for w, k in ROWS[key][4]:
-        r = fs.evaluate_run(run, ways=w, shots=k, queries=15, episodes=episodes, progress=False)
+    for w, k, r, _ in evaluate_settings(run, ROWS[key][4], episodes):
         row["results"][f"{w}w{k}s"] = {"mean": r.mean, "ci95": r.ci95, "n": r.n, "mode": r.mode}
-        print(f"{key} {w}w{k}s: {r}", flush=True)
     row["wall_s"] = time.time() - t0
     return row
 
