@@ -113,15 +113,18 @@ def load_trained(out: Path) -> tuple:
     return run, int(last["step"]), float(last["train_time_s"])
 
 
-def evaluate_settings(run, settings, episodes: int, queries: int = 15, tta: int | None = None) -> list:
+def evaluate_settings(run, settings, episodes: int, queries: int = 15, tta: int | None = None,
+                      finetune_steps: int | None = None, finetune_lr: float | None = None) -> list:
     """Evaluate ``run`` at every ``(ways, shots)`` of ``settings`` on ``episodes`` fixed-seed test episodes,
     printing each result as it comes: ``[(ways, shots, result, seconds), ...]``. ``tta``: test-time
-    augmentation copies (default: the run's setting)."""
+    augmentation copies, ``finetune_steps``/``finetune_lr``: test-time fine-tuning (default: the run's
+    settings)."""
     import fewshot as fs
     out = []
     for w, k in settings:
         t = time.time()
-        r = fs.evaluate_run(run, ways=w, shots=k, queries=queries, episodes=episodes, progress=False, tta=tta)
+        r = fs.evaluate_run(run, ways=w, shots=k, queries=queries, episodes=episodes, progress=False, tta=tta,
+                            finetune_steps=finetune_steps, finetune_lr=finetune_lr)
         print(f"{w}w{k}s: {r}", flush=True)
         out.append((w, k, r, time.time() - t))
     return out

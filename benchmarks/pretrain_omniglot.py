@@ -17,12 +17,17 @@ pretraining + meta-training is the budget (data loading and checkpoint writes ar
 row). Then 5-way 1-shot and 20-way 1-shot accuracy +- 95% CI over ``--test-episodes`` fixed-seed episodes
 of the 57 Korean and Tagalog characters (15 queries, plain images: no test-time augmentation).
 
+``--tta N`` adds columns scored with N test-time augmentation copies, ``--finetune-steps S`` (``--finetune-lr``)
+columns scored with test-time fine-tuning (on ``--finetune-episodes`` episodes: a copy of the network is
+adapted per episode, which costs far more than the plain test); the plain column is always there.
+
 ``--eval-only`` re-tests the rows already trained in ``--out``; with ``--features L2N`` (or ``UN``) the
 simpleshot row's trained backbone is scored with that feature transform instead of CL2N (an ablation with
 no retraining: the transforms have no parameters; the centring vector is only used by CL2N).
 
 usage: python benchmarks/pretrain_omniglot.py [--minutes 5] [--rows protonet,protonet-pretrained,simpleshot]
-       python benchmarks/pretrain_omniglot.py --eval-only --rows simpleshot --features L2N
+       python benchmarks/pretrain_omniglot.py --eval-only --rows simpleshot --features L2N [--tta 8]
+                                              [--finetune-steps 20 --finetune-lr 1e-3]
 """
 from __future__ import annotations
 
@@ -86,6 +91,10 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--eval-only", action="store_true", help="test the rows already trained in --out")
     ap.add_argument("--features", default=None, help="simpleshot row: score with this feature transform")
+    ap.add_argument("--tta", type=int, default=0, help="also score with this many test-time augmentation copies")
+    ap.add_argument("--finetune-steps", type=int, default=0, help="also score with test-time fine-tuning")
+    ap.add_argument("--finetune-lr", type=float, default=1e-3)
+    ap.add_argument("--finetune-episodes", type=int, default=1000, help="episodes per fine-tuned setting")
     a = ap.parse_args()
     import torch
     torch.set_num_threads(a.threads)
@@ -111,19 +120,30 @@ def main() -> None:
             key = f"{key} ({a.features})"
         print(f"{key}: pretraining {pre_s:.0f} s ({cfg.pretrain_epochs} epochs), meta-training {meta_s:.0f} s "
               f"({steps} steps), {time.time() - t0:.0f} s wall", flush=True)
-        scores = evaluate_settings(run, SETTINGS, a.test_episodes, tta=0)
+        columns = [("plain", evaluate_settings(run, SETTINGS, a.test_episodes, tta=0))]
+        if a.tta:
+            columns.append((f"tta{a.tta}", evaluate_settings(run, SETTINGS, a.test_episodes, tta=a.tta)))
+        if a.finetune_steps:
+            columns.append((f"ft{a.finetune_steps}", evaluate_settings(
+                run, SETTINGS, a.finetune_episodes, tta=0, finetune_steps=a.finetune_steps,
+                finetune_lr=a.finetune_lr)))
         results.append({"row": key, "pretrain_s": pre_s, "pretrain_epochs": cfg.pretrain_epochs,
                          "meta_s": meta_s, "steps": steps,
-                         **{f"{w}w{k}s": [r.mean, r.ci95] for w, k, r, _ in scores}})
+                         **{f"{w}w{k}s{'' if name == 'plain' else '-' + name}": [r.mean, r.ci95, r.n]
+                            for name, scores in columns for w, k, r, _ in scores}})
         print(json.dumps(results[-1]), flush=True)
         training = (f"{cfg.pretrain_epochs} ep / {pre_s / 60:.1f} min" if cfg.pretrain_epochs else "none")
         rows.append([key, training, f"{steps} / {meta_s / 60:.1f} min"]
-                    + [f"{r.mean:.2f} ± {r.ci95:.2f}" for _, _, r, _ in scores])
+                    + [f"{r.mean:.2f} ± {r.ci95:.2f}" + ("" if r.n == a.test_episodes else f" ({r.n} ep)")
+                       for _, scores in columns for _, _, r, _ in scores])
+        headers = [f"{w}-way {k}-shot{'' if name == 'plain' else ', ' + name} (%)" for name, _ in columns
+                   for w, k in SETTINGS]
     print()
     print(f"Omniglot small background sets, test Korean + Tagalog (57 classes), {a.test_episodes} episodes per "
           f"setting, 15 queries, budget {a.minutes:g} min of training per row, {a.threads} thread(s)")
-    print(table(rows, ["row", "pretraining (epochs / time)", "meta-training (steps / time)",
-                       "5-way 1-shot (%)", "20-way 1-shot (%)"]))
+    print(f"columns: plain images{f'; {a.tta} test-time augmentation copies (tta{a.tta})' if a.tta else ''}"
+          f"{f'; test-time fine-tuning, {a.finetune_steps} steps at lr {a.finetune_lr:g} (ft{a.finetune_steps})' if a.finetune_steps else ''}")
+    print(table(rows, ["row", "pretraining (epochs / time)", "meta-training (steps / time)", *headers]))
 
 
 if __name__ == "__main__":
