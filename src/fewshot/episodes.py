@@ -8,6 +8,10 @@ An :class:`Episode` holds a batch of ``B`` tasks:
   ``[B, (N+D)*U, C, H, W]`` (semi-supervised episodes, with ``"unlabeled_y"``: the way of each unlabelled
   example, -1 for a distractor; methods must not train on it) and ``"attributes"`` ``[B, N, A]`` (the semantic
   vector of each way, when the data set has them).
+- ``support_index`` ``[B, N*K]`` and ``query_index`` ``[B, N*Q]``: the position in the data set (its
+  class-ordered images) of each support and query row, as :class:`EpisodeSampler` drew them (``None`` for
+  episodes built otherwise). Evaluation from cached per-image features (:mod:`fewshot.evaluate`) looks the
+  rows up by them.
 
 Examples are ordered class by class (label ``n`` occupies rows ``n*K .. n*K+K-1``); the classes behind the
 labels are a random draw per task, so label order carries no information. Sampling draws class choices
@@ -42,6 +46,10 @@ class Episode:
     #: dataset class index of each way, ``[B, N]`` (for analysis and plots)
     classes: Optional[torch.Tensor] = None
     extra: dict = field(default_factory=dict)
+    #: dataset image index of each support row, ``[B, N*K]`` (None when not drawn from a ClassDataset)
+    support_index: Optional[torch.Tensor] = None
+    #: dataset image index of each query row, ``[B, N*Q]`` (None when not drawn from a ClassDataset)
+    query_index: Optional[torch.Tensor] = None
 
     @property
     def batch(self) -> int:
@@ -54,7 +62,8 @@ class Episode:
             return t.to(device=device, dtype=dtype if (is_x and dtype is not None) else None)
         extra = {k: mv(v, k.endswith("_x")) if torch.is_tensor(v) else v for k, v in self.extra.items()}
         return replace(self, support_x=mv(self.support_x, True), query_x=mv(self.query_x, True),
-                       support_y=mv(self.support_y, False), query_y=mv(self.query_y, False), extra=extra)
+                       support_y=mv(self.support_y, False), query_y=mv(self.query_y, False), extra=extra,
+                       support_index=mv(self.support_index, False), query_index=mv(self.query_index, False))
 
     def task(self, i: int) -> "Episode":
         """Task ``i`` alone, keeping a task axis of size 1."""
@@ -66,7 +75,9 @@ class Episode:
                  for k, v in self.extra.items()}
         return replace(self, support_x=self.support_x[sl], support_y=self.support_y[sl],
                        query_x=self.query_x[sl], query_y=self.query_y[sl],
-                       classes=None if self.classes is None else self.classes[sl], extra=extra)
+                       classes=None if self.classes is None else self.classes[sl], extra=extra,
+                       support_index=None if self.support_index is None else self.support_index[sl],
+                       query_index=None if self.query_index is None else self.query_index[sl])
 
 
 class EpisodeSampler:
@@ -184,24 +195,30 @@ class EpisodeSampler:
             within = keys.argsort(dim=2)[:, :, :M]
         return self.offsets[cls].unsqueeze(-1) + within, cls
 
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        """The images at data set positions ``index`` (any shape) -> ``[*index.shape, C, H, W]``, as episodes
+        hold them: on the sampler's device, in the episode dtype, before any ``transform``."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        if self.mapped:
+            x = self.dataset.take(index.reshape(-1)).to(self.device)
+            x = to_float(x, self.dtype) if self.dtype is not None else x
+        else:
+            x = self.flat.index_select(0, index.reshape(-1).to(self.device))
+            if self.dtype is not None and not self.prescaled:
+                x = to_float(x, self.dtype)
+        return x.view(*index.shape, *self.image_shape)
+
     def _gather(self, idx: torch.Tensor) -> torch.Tensor:
         """Images at ``idx`` ``[B, N, M]`` -> ``[B, N*M, C, H, W]`` in the episode dtype."""
-        B = idx.shape[0]
-        if self.mapped:
-            x = self.dataset.take(idx.reshape(-1)).to(self.device)
-            x = to_float(x, self.dtype) if self.dtype is not None else x
-            return x.view(B, -1, *self.image_shape)
-        x = self.flat.index_select(0, idx.reshape(-1))
-        if self.dtype is not None and not self.prescaled:
-            x = to_float(x, self.dtype)
-        return x.view(B, -1, *self.image_shape)
+        return self.take(idx.reshape(idx.shape[0], -1))
 
     def sample(self, batch: Optional[int] = None) -> Episode:
         B = batch or self.batch
         N, K, Q = self.ways, self.shots, self.queries
         U, D = self.unlabeled, self.distractors
         idx, cls = self._indices(B)
-        sx, qx = self._gather(idx[:, :N, :K]), self._gather(idx[:, :N, K:K + Q])
+        sidx, qidx = idx[:, :N, :K].reshape(B, N * K), idx[:, :N, K:K + Q].reshape(B, N * Q)
+        sx, qx = self.take(sidx), self.take(qidx)
         if self.transform is not None:
             sx = self.transform(sx, self.generator)
             qx = self.transform(qx, self.generator)
@@ -220,7 +237,8 @@ class EpisodeSampler:
             extra["unlabeled_y"] = uy.repeat_interleave(U).expand(B, (N + D) * U)
         if self.attributes is not None:
             extra["attributes"] = self.attributes[cls[:, :N]]
-        return Episode(sx, sy, qx, qy, N, K, Q, classes=cls[:, :N], extra=extra)
+        return Episode(sx, sy, qx, qy, N, K, Q, classes=cls[:, :N], extra=extra, support_index=sidx,
+                       query_index=qidx)
 
     def __iter__(self) -> Iterator[Episode]:
         while True:
