@@ -210,6 +210,44 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         of the episode than the labelled support (unlabelled examples, class attributes) override it."""
         return self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)
 
+    # ---- prediction from per-image features (evaluation from cached embeddings)
+    def feature_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """Features ``[M, D]`` of inputs ``[M, ...]``, each computed on its own (batch norm in evaluation
+        mode): what :meth:`predict_features` consumes. The default flattens :meth:`embed`."""
+        return self.embed(x).flatten(1)
+
+    def embed_tasks(self, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple:
+        """:meth:`feature_vectors` of a batch of tasks' support ``[B, S, ...]`` and queries ``[B, Q, ...]`` in
+        one pass -> ``(support features [B, S, D], query features [B, Q, D])``."""
+        B, S, Q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
+        z = self.feature_vectors(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
+        return z[:B * S].view(B, S, -1), z[B * S:].view(B, Q, -1)
+
+    def predict_features(self, support_z: torch.Tensor, support_y: torch.Tensor, query_z: torch.Tensor,
+                         ways: int | None = None) -> torch.Tensor:
+        """Logits ``[B, M, ways]`` from support features ``[B, S, D]`` (labels ``[B, S]``) and query features
+        ``[B, M, D]`` (rows of :meth:`feature_vectors`). A method whose ``predict`` is exactly
+        ``predict_features(*embed_tasks(support_x, query_x), support_y, ...)`` implements it (and its
+        ``predict`` goes through it, so the two cannot drift); the default refuses."""
+        raise FewshotError(f"method {self.name} does not predict from per-image features")
+
+    @property
+    def scores_features(self) -> bool:
+        """Whether predictions come from per-image features through :meth:`predict_features`, so evaluation
+        may embed every image once and score episodes from the cached features (:func:`fewshot.evaluate`).
+        True when the class implements ``predict_features`` and neither ``predict`` nor ``predict_episode``
+        is overridden below the class that implements it (a subclass predicting otherwise, e.g. from
+        unlabelled examples, is not taken for one) or replaced on this instance."""
+        mro = type(self).__mro__
+
+        def owner(name: str) -> int:         # the MRO position of the class defining ``name``
+            return next(i for i, c in enumerate(mro) if name in vars(c))
+
+        feats = owner("predict_features")
+        if mro[feats] is Method or any(n in vars(self) for n in ("predict", "predict_episode")):
+            return False
+        return owner("predict") >= feats and owner("predict_episode") >= feats
+
     #: how queries are classified, for evaluation reports: "inductive" (each query on its own) or
     #: "transductive" (a task's queries share batch statistics); gradient-based methods decide per config
     inference_mode: str = "inductive"

@@ -18,9 +18,12 @@ produce features that help classification rather than realistic ones (the paper'
 hallucination). With M = 0 the method is exactly a prototypical network.
 
 Evaluation draws its noise (and its seed choices) from a generator reset to ``eval_seed`` at every call, so
-the same episode always gets the same prediction. ``gen_init=identity`` starts G as the identity map of
-the seed feature plus a noise-driven perturbation (the first 2D hidden units carry +f and -f, the output
-sums them back); this keeps early hallucinations near their seeds. ``auto`` uses it when H >= 2D.
+the same episode always gets the same prediction (within the same batch of tasks: the noise of a call is
+drawn for all its tasks at once). Prediction goes through :meth:`HallucinationProtoNet.predict_features`, so
+evaluation may score it from cached per-image features, in the same calls, with the same noise.
+``gen_init=identity`` starts G as the identity map of the seed feature plus a noise-driven perturbation (the
+first 2D hidden units carry +f and -f, the output sums them back); this keeps early hallucinations near their
+seeds. ``auto`` uses it when H >= 2D.
 
 Reference (mini-ImageNet 5-way, prototypical network with hallucination): M = 10: 44.1 +- 1.1,
 M = 50: 44.26 +- 0.62, M = 100: 47.59 +- 0.79 (%).
@@ -154,17 +157,19 @@ class HallucinationProtoNet(Method):
         labels = torch.arange(ways, device=ys.device).repeat_interleave(m).expand(B, -1)
         return fake, labels
 
-    def _logits(self, zs, ys, zq, ways):
-        fake, fy = self.hallucinate(zs, ys, ways, rng=self._rng(zs.device))
-        with torch.autocast(zs.device.type, enabled=False):
-            protos = prototypes(torch.cat([zs.float(), fake.float()], 1), torch.cat([ys, fy], 1), ways)
-            return -distance(zq.float(), protos, self.config.distance)
+    def predict_features(self, support_z, support_y, query_z, ways=None):
+        """Logits from support and query features; in evaluation mode the noise (and the seed choices) come
+        from a generator reset to ``eval_seed`` at each call, so they depend on the call's tasks only."""
+        ways = infer_ways(support_y, ways)
+        fake, fy = self.hallucinate(support_z, support_y, ways, rng=self._rng(support_z.device))
+        with torch.autocast(support_z.device.type, enabled=False):
+            protos = prototypes(torch.cat([support_z.float(), fake.float()], 1), torch.cat([support_y, fy], 1),
+                                ways)
+            return -distance(query_z.float(), protos, self.config.distance)
 
     def predict(self, support_x, support_y, query_x, ways=None):
-        ways = infer_ways(support_y, ways)
-        B, S, Q = support_x.shape[0], support_x.shape[1], query_x.shape[1]
-        z = self.backbone(torch.cat([support_x.flatten(0, 1), query_x.flatten(0, 1)]))
-        return self._logits(z[:B * S].view(B, S, -1), support_y, z[B * S:].view(B, Q, -1), ways)
+        zs, zq = self.embed_tasks(support_x, query_x)
+        return self.predict_features(zs, support_y, zq, ways)
 
     def loss(self, episode):
         logits = self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)

@@ -115,21 +115,16 @@ class ProtoNet(Method):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def _logits(self, zs, ys, zq, ways):
+    def predict_features(self, support_z, support_y, query_z, ways=None):
+        ways = infer_ways(support_y, ways)
         # in fp32 even under bf16 autocast: ||q||^2 + ||c||^2 - 2 q.c cancels badly at bf16 precision
-        with torch.autocast(zs.device.type, enabled=False):
-            protos = prototypes(zs.float(), ys, ways)
-            return -distance(zq.float(), protos, self.config.distance) * self.log_scale.exp()
-
-    def _embed_both(self, sx: torch.Tensor, qx: torch.Tensor):
-        B, S, Q = sx.shape[0], sx.shape[1], qx.shape[1]
-        z = self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)]))
-        return z[:B * S].view(B, S, -1), z[B * S:].view(B, Q, -1)
+        with torch.autocast(support_z.device.type, enabled=False):
+            protos = prototypes(support_z.float(), support_y, ways)
+            return -distance(query_z.float(), protos, self.config.distance) * self.log_scale.exp()
 
     def predict(self, support_x, support_y, query_x, ways=None):
-        ways = infer_ways(support_y, ways)
-        zs, zq = self._embed_both(support_x, query_x)
-        return self._logits(zs, support_y, zq, ways)
+        zs, zq = self.embed_tasks(support_x, query_x)
+        return self.predict_features(zs, support_y, zq, ways)
 
     def loss(self, episode):
         logits = self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)

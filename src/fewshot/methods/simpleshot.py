@@ -91,11 +91,9 @@ class SimpleShot(Method):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
 
-    def _features(self, sx: torch.Tensor, qx: torch.Tensor):
-        """Backbone features of support and query ``[B, S, D]``, ``[B, Q, D]`` in fp32 (one pass)."""
-        B, S, Q = sx.shape[0], sx.shape[1], qx.shape[1]
-        z = self.backbone(torch.cat([sx.flatten(0, 1), qx.flatten(0, 1)])).flatten(1).float()
-        return z[:B * S].view(B, S, -1), z[B * S:].view(B, Q, -1)
+    def feature_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features ``[M, D]`` in fp32 (before the feature transform)."""
+        return self.backbone(x).flatten(1).float()
 
     def _logits(self, zs, ys, zq, ways: int, mean: torch.Tensor) -> torch.Tensor:
         mode = self.config.features
@@ -103,13 +101,15 @@ class SimpleShot(Method):
             protos = prototypes(transform(zs, mode, mean), ys, ways)
             return -distance(transform(zq, mode, mean), protos, "sqeuclidean") * self.log_scale.exp()
 
+    def predict_features(self, support_z, support_y, query_z, ways=None):
+        return self._logits(support_z, support_y, query_z, infer_ways(support_y, ways), self.mean)
+
     def predict(self, support_x, support_y, query_x, ways=None):
-        ways = infer_ways(support_y, ways)
-        zs, zq = self._features(support_x, query_x)
-        return self._logits(zs, support_y, zq, ways, self.mean)
+        zs, zq = self.embed_tasks(support_x, query_x)
+        return self.predict_features(zs, support_y, zq, ways)
 
     def loss(self, episode):
-        zs, zq = self._features(episode.support_x, episode.query_x)
+        zs, zq = self.embed_tasks(episode.support_x, episode.query_x)
         mean = self.mean
         if self.training:           # training images: centre by this batch's mean and follow it
             mean = torch.cat([zs.flatten(0, 1), zq.flatten(0, 1)]).mean(0).detach()
@@ -131,8 +131,7 @@ class SimpleShot(Method):
         try:
             for start in range(0, dataset.num_images, batch):
                 idx = torch.arange(start, min(start + batch, dataset.num_images))
-                z = self.backbone(to_float(dataset.take(idx).to(device))).flatten(1)
-                total += z.double().sum(0)
+                total += self.feature_vectors(to_float(dataset.take(idx).to(device))).double().sum(0)
         finally:
             for m, t in flags:
                 m.training = t
