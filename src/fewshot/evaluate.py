@@ -17,6 +17,15 @@ Batch norm runs in evaluation mode (running statistics: inductive) unless the me
 Classification episodes of image (or feature-map) classes are also scored by the raw-pixel nearest-neighbour
 baseline (:func:`pixel_nn_accuracy`) on the very same episode tensors, so ``EvalResult.baseline`` says at once
 whether the method learned anything beyond pixel matching.
+
+Evaluation from cached features: a method whose prediction is a function of per-image features
+(``method.scores_features``: protonet, simpleshot, hallucinate) is scored, when nothing about the episodes
+depends on more than the image (no augmentation, unlabelled examples, class attributes, test-time
+augmentation or fine-tuning) and it pays (the episodes hold more images than the data set), by embedding
+every image of the sampler's data once (:func:`feature_cache`) and building each episode's logits from the
+rows of its images (``Episode.support_index`` / ``query_index``) with ``method.predict_features``, in the
+same calls over the same tasks. Episodes, scores, losses, the baseline and the CSV are those of the plain
+path (features of one image do not depend on the others in its batch, up to float rounding).
 """
 from __future__ import annotations
 
@@ -33,6 +42,7 @@ from tqdm.auto import tqdm
 from .episodes import EpisodeSampler
 from . import distributed
 from .errors import FewshotError
+from .methods.base import Method
 from .precision import autocast
 from .tasks.base import TaskFamily
 from .finetune import find_finetune
@@ -40,6 +50,10 @@ from .tta import TestTimeAugment
 
 EVAL_BATCH = 25
 DEFAULT_EPISODES = 1000
+#: the most bytes (counted as fp32) of per-image features evaluation caches in its automatic mode
+CACHE_BYTES = 1 << 30
+#: environment variable: ``0`` turns the automatic evaluation from cached features off
+CACHE_ENV = "FEWSHOT_EVAL_CACHE"
 
 
 @dataclass
@@ -121,15 +135,97 @@ def pixel_nn_accuracy(support_x: torch.Tensor, support_y: torch.Tensor, query_x:
     return (pred == query_y).float().mean(-1) * 100
 
 
+def cache_refusal(method, sampler) -> Optional[str]:
+    """Why episodes of ``sampler`` cannot be scored from cached per-image features of ``method``
+    (see :func:`feature_cache`), in a few words; ``None`` when they can."""
+    if isinstance(method, TestTimeAugment):
+        return "test-time augmentation scores jittered copies of each episode's images"
+    if find_finetune(method) is not None:
+        return "test-time fine-tuning adapts the network to each task"
+    if not isinstance(method, Method) or not method.scores_features:
+        name = getattr(method, "name", "") or type(method).__name__
+        return f"method {name} does not predict from per-image features (predict_features)"
+    if method.inference_mode != "inductive":
+        return f"method {method.name} classifies a task's queries together ({method.inference_mode})"
+    if any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and not m.track_running_stats
+           for m in method.modules()):
+        return "a batch-norm layer without running statistics normalises over each batch"
+    if not isinstance(sampler, EpisodeSampler):
+        return f"the episodes come from a {type(sampler).__name__}, not an EpisodeSampler over a ClassDataset"
+    if sampler.transform is not None:
+        return "the sampler transforms each episode's images (augmentation)"
+    if sampler.unlabeled:
+        return "the episodes carry unlabelled examples"
+    if sampler.attributes is not None:
+        return "the episodes carry class attributes"
+    return None
+
+
+def _auto_cache() -> bool:
+    """Whether the automatic mode may cache (``$FEWSHOT_EVAL_CACHE``: ``0`` says no)."""
+    v = os.environ.get(CACHE_ENV, "").strip().lower()
+    if v in ("0", "false", "no", "off"):
+        return False
+    if v in ("", "1", "true", "yes", "on", "auto"):
+        return True
+    raise FewshotError(f"${CACHE_ENV} must be 0 (never cache evaluation features) or 1 (automatic), got {v!r}")
+
+
+def feature_cache(method, sampler, episodes: int, cache: Optional[bool] = None, precision: str = "fp32",
+                  chunk: Optional[int] = None, progress: bool = True, desc: str = "eval") -> Optional[torch.Tensor]:
+    """The features ``[num_images, D]`` (``method.feature_vectors``) of every image of the sampler's data,
+    when :func:`evaluate` scores ``episodes`` tasks from them; ``None`` for the plain path.
+
+    ``cache``: ``None`` (automatic) caches when :func:`cache_refusal` finds nothing against it,
+    ``$FEWSHOT_EVAL_CACHE`` is not ``0``, the tasks drawn (by this rank) hold more images than the data set,
+    and the features fit in :data:`CACHE_BYTES` as fp32; ``False`` never caches; ``True`` always caches
+    (however few the episodes and large the features) and raises a one-line :class:`FewshotError` saying why
+    when it cannot. Call with ``method`` in evaluation mode. Images are embedded in the episode dtype, in
+    passes of as many images as one plain forward pass holds, under the same autocast; under torchrun every
+    rank embeds every image."""
+    if cache is False or (cache is None and not _auto_cache()):
+        return None
+    why = cache_refusal(method, sampler)
+    if why is not None:
+        if cache:
+            raise FewshotError(f"cache=True: cannot evaluate from cached features: {why}")
+        return None
+    n = sampler.dataset.num_images
+    per_task = sampler.ways * (sampler.shots + sampler.queries)
+    tasks = -(-episodes // EVAL_BATCH) * EVAL_BATCH / distributed.world()      # what this rank would embed
+    if cache is None and tasks * per_task <= n:
+        return None
+    step = min(chunk or EVAL_BATCH, EVAL_BATCH) * per_task
+    out = None
+    bar = tqdm(total=n, desc=f"{desc}: embedding", disable=not (progress and distributed.is_main()), leave=False,
+               unit="img")
+    try:
+        for start in range(0, n, step):
+            end = min(start + step, n)
+            with autocast(sampler.device, precision):
+                z = method.feature_vectors(sampler.take(torch.arange(start, end, device=sampler.device)))
+            if out is None:
+                if cache is None and n * z[0].numel() * 4 > CACHE_BYTES:
+                    return None
+                out = z.new_empty(n, *z.shape[1:])
+            out[start:end] = z
+            bar.update(end - start)
+    finally:
+        bar.close()
+    return out
+
+
 @torch.no_grad()
 def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, precision: str = "fp32",
              chunk: Optional[int] = None, progress: bool = True, csv_path: str | os.PathLike | None = None,
-             desc: str = "eval", baseline: bool = True) -> EvalResult:
+             desc: str = "eval", baseline: bool = True, cache: Optional[bool] = None) -> EvalResult:
     """Accuracy of ``method`` on ``episodes`` tasks from ``sampler`` (reset to its seed first).
 
     For regression families the per-task number is the query MSE (``metric == "mse"``). ``baseline``: also
     score raw-pixel 1-NN (:func:`pixel_nn_accuracy`) on the same episodes when they are classification
-    episodes of classes with image-shaped inputs ``[C, H, W]`` (not task families such as sine, RL or copy)."""
+    episodes of classes with image-shaped inputs ``[C, H, W]`` (not task families such as sine, RL or copy).
+    ``cache``: score the episodes from per-image features embedded once (:func:`feature_cache`; ``None``:
+    when it applies and pays, ``False``: never, ``True``: always, an error when it cannot)."""
     regression = bool(getattr(sampler, "regression", False))
     own_metric = getattr(sampler, "metric", None)
     if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
@@ -154,6 +250,7 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
     drawn = 0
     bar = tqdm(total=episodes, desc=desc, disable=not (progress and distributed.is_main()), leave=False, unit="ep")
     try:
+        feats = feature_cache(method, sampler, episodes, cache, precision, chunk, progress, desc)
         while drawn < episodes:
             ep = sampler.sample(EVAL_BATCH)
             mine = distributed.share(EVAL_BATCH)    # every rank draws the batch and scores its share
@@ -174,7 +271,10 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
                     continue
                 with autocast(device, precision):
                     # a Method (or its TTA wrapper) declares predict_episode; any module with predict works too
-                    if hasattr(method, "predict_episode"):
+                    if feats is not None:       # the rows of the cached features, in the same calls
+                        logits = method.predict_features(feats[part.support_index], part.support_y,
+                                                         feats[part.query_index], part.ways)
+                    elif hasattr(method, "predict_episode"):
                         logits = method.predict_episode(part)
                     else:
                         logits = method.predict(part.support_x, part.support_y, part.query_x, part.ways)
