@@ -171,6 +171,7 @@ def _auto_cache() -> bool:
     raise FewshotError(f"${CACHE_ENV} must be 0 (never cache evaluation features) or 1 (automatic), got {v!r}")
 
 
+@torch.no_grad()
 def feature_cache(method, sampler, episodes: int, cache: Optional[bool] = None, precision: str = "fp32",
                   chunk: Optional[int] = None, progress: bool = True, desc: str = "eval") -> Optional[torch.Tensor]:
     """The features ``[num_images, D]`` (``method.feature_vectors``) of every image of the sampler's data,
