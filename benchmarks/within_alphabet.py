@@ -6,8 +6,9 @@ fp32, ``--episodes`` steps, seed ``--seed``. Rows, each trained in its own proce
 
 - ``fewshot``: ``fewshot train protonet`` with only those settings (``--split group:Korean,Tagalog
   --rotations true --precision fp32``): everything else is fewshot's default;
-- ``fewshot-euclidean``, ``fewshot-noval``, ``fewshot-euclidean-noval``, ``fewshot-sqeuclidean-noval``: the
-  same with the distance set (``euclidean`` is easyfsl's, the non-squared ``cdist``) and/or
+- ``fewshot-sqeuclidean``, ``fewshot-euclidean``, ``fewshot-noval``, ``fewshot-euclidean-noval``,
+  ``fewshot-sqeuclidean-noval``: the same with the distance set (``euclidean`` is easyfsl's, the non-squared
+  ``cdist``, and protonet's default since 2026-12-01; ``sqeuclidean`` the default before) and/or
   ``--val-fraction 0`` (no validation split: all 185 training characters train, as in easyfsl, and the
   last step's weights are kept instead of the best validation checkpoint's);
 - ``easyfsl``: easyfsl 1.5.0's ``PrototypicalNetworks`` trained by ``benchmarks/peers/easyfsl_within.py``
@@ -43,6 +44,7 @@ PEER_SCRIPT = HERE / "peers" / "easyfsl_within.py"
 #: row key -> (distance, validation share of the training classes) for fewshot rows; None: fewshot's default
 FEWSHOT_ROWS = {
     "fewshot": (None, None),
+    "fewshot-sqeuclidean": ("sqeuclidean", None),
     "fewshot-euclidean": ("euclidean", None),
     "fewshot-noval": (None, 0.0),
     "fewshot-euclidean-noval": ("euclidean", 0.0),

@@ -81,8 +81,12 @@ def _episode(dtype=torch.float32) -> Episode:
                    query_y=torch.tensor([[0, 1]]), ways=2, shots=2, queries=1)
 
 
+def test_default_distance_is_euclidean() -> None:
+    assert ProtoNet.Config().distance == "euclidean"        # BENCHMARKS.md "Within-alphabet": why
+
+
 def test_loss_is_cross_entropy_of_negative_distance() -> None:
-    m = _identity_protonet()
+    m = _identity_protonet(distance="sqeuclidean")
     loss, metrics = m.loss(_episode())
     # logits -[1, 5] (label 0) and -[4, 18] (label 1)
     hand = (math.log(1 + math.exp(-4)) + (14 + math.log(1 + math.exp(-14)))) / 2
@@ -102,8 +106,9 @@ def test_logits_for_every_distance_and_scale(kind: str) -> None:
 
 def test_logits_stay_fp32_under_bf16_autocast() -> None:
     """Distances are computed in fp32 even inside bf16 autocast: a query equal to a prototype stays at
-    distance ~0 although the embeddings have a large common component."""
-    m = _identity_protonet()
+    distance ~0 although the embeddings have a large common component (squared distances: the square
+    root of the Euclidean one magnifies the fp32 rounding of the expansion near 0)."""
+    m = _identity_protonet(distance="sqeuclidean")
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, 4, 64, generator=g) * 3 + 5
     ys = torch.arange(4)[None]
@@ -170,7 +175,7 @@ def test_gradient_matches_finite_differences(kind: str) -> None:
 
 def test_method_gradient_matches_the_hand_loss() -> None:
     """The method's gradient w.r.t. a query embedding equals a central finite difference of the hand loss."""
-    m = _identity_protonet()
+    m = _identity_protonet(distance="sqeuclidean")
     ep = _episode(torch.float64)
     qx = ep.query_x.clone().requires_grad_(True)
     loss, _ = m.loss(Episode(ep.support_x, ep.support_y, qx, ep.query_y, 2, 2, 1))
