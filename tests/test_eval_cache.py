@@ -183,7 +183,7 @@ def test_what_depends_on_more_than_each_image_takes_the_plain_path(ds16, monkeyp
     (lambda m, s, ds: (with_finetune(m, 1, 1e-3), s), "test-time fine-tuning"),
     (lambda m, s, ds: (m, EpisodeSampler(ds, 5, 1, 3, transform=lambda x, g: x)), "transforms each episode's images"),
     (lambda m, s, ds: (m, EpisodeSampler(ds, 5, 1, 3, unlabeled=1)), "unlabelled examples"),
-    (lambda m, s, ds: (methods.build("relation", ds.image_shape), s), "method relation does not predict from per-image"),
+    (lambda m, s, ds: (methods.build("relation", ds.image_shape), s), "method relation does not predict from"),
     (lambda m, s, ds: (methods.build("semisup", ds.image_shape, hidden=8), s), "method semisup does not predict"),
     (lambda m, s, ds: (methods.build("protonet", (1,), backbone="mlp"), tasks.make("sine", 5, 5, seed=0)),
      "not an EpisodeSampler"),
