@@ -157,7 +157,7 @@ def test_refinement_recovers_class_centres_from_unlabelled_points() -> None:
 def test_without_unlabelled_examples_it_is_a_prototypical_network(mode) -> None:
     torch.manual_seed(0)
     semi = build("semisup", (1, 16, 16), mode=mode).eval()
-    proto = build("protonet", (1, 16, 16)).eval()
+    proto = build("protonet", (1, 16, 16), distance="sqeuclidean").eval()    # Ren et al.'s distance
     proto.backbone.load_state_dict(semi.backbone.state_dict())
     sx, sy = torch.rand(2, 6, 1, 16, 16), torch.arange(3).repeat_interleave(2).expand(2, 6)
     qx = torch.rand(2, 4, 1, 16, 16)
