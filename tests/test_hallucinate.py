@@ -21,7 +21,7 @@ def _pair(shape, **options):
     """A hallucination network with M = 0 and a prototypical network sharing its backbone weights."""
     torch.manual_seed(0)
     h = methods.build("hallucinate", shape, m=0, gen_hidden=32, **options)
-    p = methods.build("protonet", shape, **options)
+    p = methods.build("protonet", shape, **{"distance": h.config.distance, **options})    # the same distance
     p.backbone.load_state_dict(h.backbone.state_dict())
     return h, p
 

@@ -64,7 +64,8 @@ def test_starts_as_exactly_a_prototypical_network() -> None:
     torch.manual_seed(0)
     m = methods.build("taskcond", (5,), backbone="mlp", mlp_hidden=[16], embedding=6, scale=2.0,
                       label_aware=True).eval()
-    p = methods.build("protonet", (5,), backbone="mlp", mlp_hidden=[16], embedding=6).eval()
+    p = methods.build("protonet", (5,), backbone="mlp", mlp_hidden=[16], embedding=6,
+                      distance="sqeuclidean").eval()                        # TADAM's squared distance
     p.backbone.load_state_dict(m.backbone.state_dict())
     g = torch.Generator().manual_seed(0)
     sx, qx = torch.randn(2, 6, 5, generator=g), torch.randn(2, 3, 5, generator=g)
