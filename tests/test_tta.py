@@ -27,8 +27,9 @@ IDENTITY = {"affine": {"degrees": 0, "scale": [1, 1], "shear": 0, "translate": 0
 def proto_and_episode():
     torch.manual_seed(0)
     ds = make_synthetic(n_classes=8, per_class=6, size=16)
-    # an untrained net puts every embedding close together: scale the logits so classes are not near-ties
-    m = methods.build("protonet", ds.image_shape, hidden=8, scale=SCALE).eval()
+    # an untrained net puts every embedding close together: scale the logits so classes are not near-ties;
+    # squared distances: the mean-embedding rule below is exact for them
+    m = methods.build("protonet", ds.image_shape, hidden=8, scale=SCALE, distance="sqeuclidean").eval()
     ep = EpisodeSampler(ds, 4, 2, 3, seed=1).sample(3)
     return m, ep
 
@@ -55,7 +56,7 @@ def test_protonet_tta_is_the_mean_embedding_rule(proto_and_episode) -> None:
         zs = torch.cat([emb(ep.support_x).unsqueeze(1), emb(sc)], 1)       # [B, V, S, D]
         zq = torch.cat([emb(ep.query_x).unsqueeze(1), emb(qc)], 1).mean(1)  # [B, Q, D]
         protos = prototypes(zs.flatten(1, 2), ep.support_y.repeat(1, 5), 4)
-        ref = -distance(zq, protos) * SCALE
+        ref = -distance(zq, protos, "sqeuclidean") * SCALE
     diff = logp - ref
     assert float((diff - diff.mean(-1, keepdim=True)).abs().max()) < 1e-3 * float(ref.abs().max())
     assert torch.equal(logp.argmax(-1), ref.argmax(-1))
@@ -63,7 +64,7 @@ def test_protonet_tta_is_the_mean_embedding_rule(proto_and_episode) -> None:
     t_s = TestTimeAugment(m, 4, query=False)
     logp_s = t_s.predict(ep.support_x, ep.support_y, ep.query_x, 4)
     with torch.no_grad():
-        ref_s = -distance(emb(ep.query_x), protos) * SCALE
+        ref_s = -distance(emb(ep.query_x), protos, "sqeuclidean") * SCALE
     torch.testing.assert_close(logp_s, ref_s.log_softmax(-1), atol=1e-4, rtol=1e-4)
 
 
