@@ -118,7 +118,6 @@ def score(key: str, run, a) -> dict:
 def run_row(key: str, a) -> dict:
     import torch
     torch.set_num_threads(a.threads)
-    import fewshot as fs
     cfg = make_cfg(key, a)
     out = Path(a.out) / "runs" / key
     t0, c0 = time.time(), cpu_s()
@@ -130,7 +129,6 @@ def run_row(key: str, a) -> dict:
            "fit_cpu_s": cpu_s() - c0, "load": open("/proc/loadavg").read().split()[:3]}
     if not a.no_eval:
         row.update(score(key, run, a))
-    del fs
     return row
 
 
