@@ -97,7 +97,6 @@ def train(cfg, out: Path) -> tuple:
 
 def score(key: str, run, a) -> dict:
     """The test results of one trained row (and its fine-tuned results when asked)."""
-    import fewshot as fs
     t0 = time.time()
     res = {}
     for w, k, r, _ in evaluate_settings(run, SETTINGS, a.episodes, tta=0):
@@ -105,12 +104,9 @@ def score(key: str, run, a) -> dict:
                             "baseline_ci95": r.baseline_ci95}
     out = {"results": res, "eval_s": time.time() - t0}
     if a.finetune_steps and ROWS[key][1] == "simpleshot":
-        ft = {}
-        for w, k in SETTINGS[:2]:
-            r = fs.evaluate_run(run, ways=w, shots=k, queries=15, episodes=a.finetune_episodes, progress=False,
-                                tta=0, finetune_steps=a.finetune_steps, finetune_lr=a.finetune_lr)
-            print(f"{w}w{k}s fine-tuned: {r}", flush=True)
-            ft[f"{w}w{k}s"] = {"mean": r.mean, "ci95": r.ci95, "n": r.n}
+        ft = {f"{w}w{k}s": {"mean": r.mean, "ci95": r.ci95, "n": r.n}
+              for w, k, r, _ in evaluate_settings(run, SETTINGS[:2], a.finetune_episodes, tta=0,
+                                                  finetune_steps=a.finetune_steps, finetune_lr=a.finetune_lr)}
         out.update(finetuned=ft, finetune_steps=a.finetune_steps, finetune_lr=a.finetune_lr)
     return out
 
