@@ -227,8 +227,8 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
                          ways: int | None = None) -> torch.Tensor:
         """Logits ``[B, M, ways]`` from support features ``[B, S, D]`` (labels ``[B, S]``) and query features
         ``[B, M, D]`` (rows of :meth:`feature_vectors`). A method whose ``predict`` is exactly
-        ``predict_features(*embed_tasks(support_x, query_x), support_y, ...)`` implements it (and its
-        ``predict`` goes through it, so the two cannot drift); the default refuses."""
+        ``predict_features(*embed_tasks(support_x, query_x), support_y, ...)`` implements it and derives
+        from :class:`FeatureMethod`, whose ``predict`` is that (so the two cannot drift); the default refuses."""
         raise FewshotError(f"method {self.name} does not predict from per-image features")
 
     @property
@@ -309,6 +309,16 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
     @classmethod
     def option_fields(cls):
         return fields(cls.Config)
+
+
+class FeatureMethod(Method):
+    """A method that classifies queries from per-image features: ``predict`` embeds the support and the
+    queries (:meth:`Method.embed_tasks`) and scores them with the subclass's :meth:`Method.predict_features`,
+    so evaluation from cached features (:attr:`Method.scores_features`) gives what ``predict`` gives."""
+
+    def predict(self, support_x, support_y, query_x, ways=None):
+        zs, zq = self.embed_tasks(support_x, query_x)
+        return self.predict_features(zs, support_y, zq, ways)
 
 
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import FewshotError
 from . import register
-from .base import Method, accuracy, infer_ways
+from .base import FeatureMethod, accuracy, infer_ways
 from .protonet import distance, DISTANCES, encoder, EncoderOptions, prototypes
 
 GEN_INITS = ("auto", "identity", "random")
@@ -108,7 +108,7 @@ def hallucination_seeds(y: torch.Tensor, ways: int, m: int, generator=None) -> t
 
 
 @register("hallucinate")
-class HallucinationProtoNet(Method):
+class HallucinationProtoNet(FeatureMethod):
     """Prototypical network whose prototypes also average M generated features per class (Wang et al. 2018)."""
 
     @dataclass
@@ -166,10 +166,6 @@ class HallucinationProtoNet(Method):
             protos = prototypes(torch.cat([support_z.float(), fake.float()], 1), torch.cat([support_y, fy], 1),
                                 ways)
             return -distance(query_z.float(), protos, self.config.distance)
-
-    def predict(self, support_x, support_y, query_x, ways=None):
-        zs, zq = self.embed_tasks(support_x, query_x)
-        return self.predict_features(zs, support_y, zq, ways)
 
     def loss(self, episode):
         logits = self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)

@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import FewshotError
 from ..models import MLP, Conv1d, Conv4
 from . import register
-from .base import BackboneOptions, Method, accuracy, infer_ways
+from .base import BackboneOptions, FeatureMethod, Method, accuracy, infer_ways
 
 DISTANCES = ("sqeuclidean", "euclidean", "cosine", "dot")
 
@@ -95,7 +95,7 @@ def encoder(method: Method) -> nn.Module:
 
 
 @register("protonet")
-class ProtoNet(Method):
+class ProtoNet(FeatureMethod):
     """Prototypical network: nearest class mean in an embedding space (Snell et al. 2017)."""
 
     compilable = True        #: one forward pass and the distances: torch.compile traces it whole
@@ -127,10 +127,6 @@ class ProtoNet(Method):
         with torch.autocast(support_z.device.type, enabled=False):
             protos = prototypes(support_z.float(), support_y, ways)
             return -distance(query_z.float(), protos, self.config.distance) * self.log_scale.exp()
-
-    def predict(self, support_x, support_y, query_x, ways=None):
-        zs, zq = self.embed_tasks(support_x, query_x)
-        return self.predict_features(zs, support_y, zq, ways)
 
     def loss(self, episode):
         logits = self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)

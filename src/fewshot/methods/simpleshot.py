@@ -32,7 +32,7 @@ from torch import nn
 from ..data.images import to_float
 from ..errors import FewshotError
 from . import register
-from .base import Method, accuracy, infer_ways
+from .base import FeatureMethod, accuracy, infer_ways
 from .protonet import EncoderOptions, distance, encoder, prototypes
 
 #: the feature transforms of the paper
@@ -50,7 +50,7 @@ def transform(z: torch.Tensor, mode: str, mean: torch.Tensor) -> torch.Tensor:
 
 
 @register("simpleshot")
-class SimpleShot(Method):
+class SimpleShot(FeatureMethod):
     """SimpleShot: nearest centroid on centred, L2-normalised features of a pretrained classifier (Wang et al. 2019)."""
 
     compilable = True        #: its episodic loss is a plain forward pass (no step-internal differentiation)
@@ -103,10 +103,6 @@ class SimpleShot(Method):
 
     def predict_features(self, support_z, support_y, query_z, ways=None):
         return self._logits(support_z, support_y, query_z, infer_ways(support_y, ways), self.mean)
-
-    def predict(self, support_x, support_y, query_x, ways=None):
-        zs, zq = self.embed_tasks(support_x, query_x)
-        return self.predict_features(zs, support_y, zq, ways)
 
     def loss(self, episode):
         zs, zq = self.embed_tasks(episode.support_x, episode.query_x)
