@@ -6,7 +6,7 @@ drawings = 3 700 images), **labels removed** for the label-free rows (``--tasks 
 sees only the images, in a canonical order). Test: 1000 fixed-seed episodes of the 57 Korean + Tagalog
 characters with their real labels, 15 queries per class, at 5-way 1/5-shot and 20-way 1/5-shot.
 
-Rows (each trained for ``--minutes`` of meta-training; the embedding and the clustering come before that
+Rows (each trained for ``--minutes`` of meta-training, or exactly ``--steps`` meta-steps; the embedding and the clustering come before that
 clock and are cached, so the label-free rows share one learned embedding):
 
 * ``embedding``: the contrastive Conv-4 embedding learned without labels (``--embed-steps`` steps), and the
@@ -69,6 +69,8 @@ def make_cfg(key: str, a):
         cfg.train.schedule, cfg.train.step_size, cfg.train.gamma = "step", 1000, 0.5
     cfg.train.lr, cfg.train.val_every = 1e-3, 0
     cfg.train.episodes, cfg.train.time_limit_s, cfg.train.ckpt_every = 10 ** 7, a.minutes * 60, 10 ** 7
+    if a.steps:                                    # a fixed length instead of a clock: fair on a shared machine
+        cfg.train.episodes, cfg.train.time_limit_s = a.steps, 0.0
     return cfg
 
 
@@ -149,6 +151,8 @@ def render(rows: list, episodes: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=3.0, help="meta-training budget of every row")
+    ap.add_argument("--steps", type=int, default=0,
+                    help="meta-training steps of every row instead of --minutes (0: use --minutes)")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row keys: " + ", ".join(ROWS))
     ap.add_argument("--data", default=str(OMNIGLOT))
     ap.add_argument("--episodes", type=int, default=1000, help="test episodes per setting")
@@ -163,8 +167,8 @@ def main() -> None:
     bad = [k for k in keys if k not in ROWS]
     if bad:
         sys.exit(f"unknown row {bad[0]!r}; rows: {', '.join(ROWS)}")
-    forward = ["--minutes", str(a.minutes), "--data", a.data, "--episodes", str(a.episodes), "--embed-steps",
-               str(a.embed_steps), "--partitions", str(a.partitions)]
+    forward = ["--minutes", str(a.minutes), "--steps", str(a.steps), "--data", a.data, "--episodes", str(a.episodes),
+               "--embed-steps", str(a.embed_steps), "--partitions", str(a.partitions)]
     if a.maml_episodes:
         forward += ["--maml-episodes", str(a.maml_episodes)]
     if a.row:                                      # a row process: train and score that row
@@ -179,7 +183,8 @@ def main() -> None:
     rows = results.latest(list(ROWS), keys)
     print()
     print(f"Omniglot small background sets without labels -> Korean + Tagalog (57 classes), {a.episodes} test "
-          f"episodes per setting, 15 queries; every row meta-trained {a.minutes} min, {a.jobs} row(s) at a time x "
+          f"episodes per setting, 15 queries; every row meta-trained "
+          f"{f'{a.steps} steps' if a.steps else f'{a.minutes} min'}, {a.jobs} row(s) at a time x "
           f"{a.threads} thread(s); CACTUs: {cactus_spec(a)}")
     print(render(rows, a.episodes))
     if failed:
