@@ -45,7 +45,7 @@ from .augment import RandomAffine, build_transform
 from .episodes import Episode
 from .errors import FewshotError
 from .methods.base import infer_ways
-from .tta import TestTimeAugment
+from .tta import TestTimeAugment, predict_labelled
 
 #: jittered copies of every support image used as pseudo-queries in each fine-tuning step
 VIEWS = 2
@@ -105,12 +105,7 @@ class TestTimeFinetune(nn.Module):
         return int(torch.randint(0, 2 ** 62, (1,), generator=self.generator))
 
     def predict_episode(self, episode: Episode) -> torch.Tensor:
-        """:meth:`predict` on an episode's support and queries; episodes that carry more (unlabelled
-        examples, class attributes) are refused rather than fine-tuned and scored without it."""
-        if episode.extra:
-            raise FewshotError(f"test-time fine-tuning adapts on a labelled support set only; these episodes "
-                               f"also carry {', '.join(sorted(episode.extra))}")
-        return self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+        return predict_labelled(self, episode, "test-time fine-tuning adapts on a labelled support set only")
 
     @torch.no_grad()
     def predict(self, support_x, support_y, query_x, ways=None) -> torch.Tensor:

@@ -24,6 +24,15 @@ from .errors import FewshotError
 IMAGES_PER_CALL = 1024
 
 
+def predict_labelled(wrapper: nn.Module, episode, only: str) -> torch.Tensor:
+    """``wrapper.predict`` on an episode's support and queries, for the test-time wrappers (augmentation,
+    fine-tuning): episodes that carry more (unlabelled examples, class attributes) are refused, with ``only``
+    saying what the wrapper uses, rather than scored without it."""
+    if episode.extra:
+        raise FewshotError(f"{only}; these episodes also carry {', '.join(sorted(episode.extra))}")
+    return wrapper.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+
+
 class TestTimeAugment(nn.Module):
     """Wraps a trained method so that ``predict`` averages over ``copies`` jittered copies of the inputs.
 
@@ -65,12 +74,7 @@ class TestTimeAugment(nn.Module):
         return out.view(B, self.copies, S, *x.shape[2:])
 
     def predict_episode(self, episode) -> torch.Tensor:
-        """:meth:`predict` on an episode's support and queries; episodes that carry more (unlabelled
-        examples, class attributes) are refused rather than scored without it."""
-        if episode.extra:
-            raise FewshotError(f"test-time augmentation scores a labelled support and queries only; these "
-                               f"episodes also carry {', '.join(sorted(episode.extra))}")
-        return self.predict(episode.support_x, episode.support_y, episode.query_x, episode.ways)
+        return predict_labelled(self, episode, "test-time augmentation scores a labelled support and queries only")
 
     @torch.no_grad()
     def predict(self, support_x, support_y, query_x, ways=None) -> torch.Tensor:

@@ -321,6 +321,16 @@ class FeatureMethod(Method):
         return self.predict_features(zs, support_y, zq, ways)
 
 
+def add_log_scale(module: nn.Module, scale: float, learn: bool) -> None:
+    """Give ``module`` its logit temperature as ``log_scale`` (``log(scale)``): a parameter when it is
+    learned, a buffer otherwise (saved either way). The metric methods multiply logits by its ``exp()``."""
+    s = torch.tensor(float(scale)).log()
+    if learn:
+        module.log_scale = nn.Parameter(s)
+    else:
+        module.register_buffer("log_scale", s)
+
+
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Mean accuracy per task: logits ``[B, M, N]``, labels ``[B, M]`` -> ``[B]``."""
     return (logits.argmax(-1) == y).float().mean(-1)

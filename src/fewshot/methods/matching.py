@@ -39,7 +39,7 @@ from torch import nn
 
 from ..errors import FewshotError
 from . import register
-from .base import Method, accuracy, infer_ways
+from .base import Method, accuracy, infer_ways, add_log_scale
 from ..models.backbones import feature_dim
 from .protonet import encoder, EncoderOptions
 
@@ -108,11 +108,7 @@ class MatchingNet(Method):
         if config.fce and config.fce_steps < 1:
             raise FewshotError(f"fce_steps must be at least 1, got {config.fce_steps}")
         self.backbone = encoder(self)
-        s = torch.tensor(float(config.scale))
-        if config.learn_scale:
-            self.log_scale = nn.Parameter(s.log())
-        else:
-            self.register_buffer("log_scale", s.log())
+        add_log_scale(self, config.scale, config.learn_scale)
         if config.fce:
             dim = feature_dim(self.backbone, self.in_shape)
             self.support_lstm = nn.LSTM(dim, dim, batch_first=True, bidirectional=True)

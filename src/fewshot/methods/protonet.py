@@ -23,7 +23,7 @@ from torch import nn
 from ..errors import FewshotError
 from ..models import MLP, Conv1d, Conv4
 from . import register
-from .base import BackboneOptions, FeatureMethod, Method, accuracy, infer_ways
+from .base import BackboneOptions, FeatureMethod, Method, accuracy, infer_ways, add_log_scale
 
 DISTANCES = ("sqeuclidean", "euclidean", "cosine", "dot")
 
@@ -112,11 +112,7 @@ class ProtoNet(FeatureMethod):
         if config.distance not in DISTANCES:
             raise FewshotError(f"unknown distance {config.distance!r}; choose from {', '.join(DISTANCES)}")
         self.backbone = encoder(self)
-        s = torch.tensor(float(config.scale))
-        if config.learn_scale:
-            self.log_scale = nn.Parameter(s.log())
-        else:
-            self.register_buffer("log_scale", s.log())
+        add_log_scale(self, config.scale, config.learn_scale)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

@@ -27,12 +27,11 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from ..data.images import to_float
 from ..errors import FewshotError
 from . import register
-from .base import FeatureMethod, accuracy, infer_ways
+from .base import FeatureMethod, accuracy, infer_ways, add_log_scale
 from .protonet import EncoderOptions, distance, encoder, prototypes
 
 #: the feature transforms of the paper
@@ -82,11 +81,7 @@ class SimpleShot(FeatureMethod):
         self.register_buffer("mean", torch.zeros(dim))
         #: batch means folded into ``mean`` so far (the first ones are averaged evenly, then ``mean_momentum``)
         self.register_buffer("mean_updates", torch.zeros((), dtype=torch.long))
-        s = torch.tensor(float(config.scale)).log()
-        if config.learn_scale:
-            self.log_scale = nn.Parameter(s)
-        else:
-            self.register_buffer("log_scale", s)
+        add_log_scale(self, config.scale, config.learn_scale)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)

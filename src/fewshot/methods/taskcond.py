@@ -38,7 +38,7 @@ from torch import nn
 
 from ..errors import FewshotError
 from . import register
-from .base import Method, accuracy, infer_ways
+from .base import Method, accuracy, infer_ways, add_log_scale
 from .hallucinate import feature_dim
 from .protonet import distance, encoder, EncoderOptions, prototypes
 
@@ -101,11 +101,7 @@ class TaskConditioned(Method):
         self.head = nn.Sequential(nn.Linear(D, hh), nn.ReLU(), nn.Linear(hh, D))
         nn.init.zeros_(self.head[-1].weight)
         nn.init.zeros_(self.head[-1].bias)
-        s = torch.tensor(float(config.scale))
-        if config.learn_scale:
-            self.log_scale = nn.Parameter(s.log())
-        else:
-            self.register_buffer("log_scale", s.log())
+        add_log_scale(self, config.scale, config.learn_scale)
 
     def task_embedding(self, hs: torch.Tensor, ys: torch.Tensor | None = None, ways: int | None = None):
         """``t`` ``[B, 2D or 4D]`` of support features ``[B, S, D]`` (labels used when label-aware)."""
