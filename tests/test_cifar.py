@@ -6,6 +6,7 @@ import io
 import pickle
 import tarfile
 import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -212,10 +213,10 @@ def test_download_fails_fast_offline_and_checks_the_md5(tmp_path, monkeypatch) -
 
     def offline(*a, **k):
         raise urllib.error.URLError("network is unreachable")
-    monkeypatch.setattr(cifar.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
     with pytest.raises(FewshotError, match=f"put {cifar.ARCHIVE} into {tmp_path}"):
         cifar.cifar100(tmp_path, download=True, cache=False)
-    monkeypatch.setattr(cifar.urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"corrupt"))
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: io.BytesIO(b"corrupt"))
     with pytest.raises(FewshotError, match="checksum mismatch"):
         cifar.download_archive(tmp_path)
     assert not any(tmp_path.iterdir())                        # no partial file left behind

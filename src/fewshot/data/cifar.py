@@ -21,9 +21,7 @@ and numpy arrays, so a tampered file cannot run code.
 from __future__ import annotations
 
 import os
-import shutil
 import tarfile
-import urllib.request
 from pathlib import Path
 from typing import Dict, Tuple
 
@@ -34,7 +32,7 @@ from PIL import Image
 from ..errors import FewshotError
 from .dataset import ClassDataset, cached, env_data_root
 from .images import Preprocess, as_size
-from .omniglot import file_digest
+from .download import fetch_checked
 from .safepickle import load_pickle
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -192,24 +190,7 @@ def download_archive(root: str | os.PathLike, timeout: float = 20.0) -> Path:
 
     With no network this fails fast with a message saying where to put the file.
     """
-    root = Path(root)
-    dest = root / ARCHIVE
-    if dest.is_file():
-        return dest
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(URL, timeout=timeout) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise FewshotError(f"cannot download {URL} ({getattr(e, 'reason', e)}); without internet, put "
-                           f"{ARCHIVE} into {root} and pass --data {root} or set FEWSHOT_DATA") from None
-    if file_digest(tmp, "md5") != MD5:
-        tmp.unlink(missing_ok=True)
-        raise FewshotError(f"checksum mismatch for {URL}: the download is corrupt or the file changed")
-    os.replace(tmp, dest)
-    return dest
+    return fetch_checked(URL, Path(root) / ARCHIVE, "md5", MD5, timeout=timeout)
 
 
 # -------------------------------------------------------------------- named splits

@@ -25,7 +25,7 @@ import io
 import os
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 from PIL import Image

@@ -1,6 +1,7 @@
 """Fetching a published archive once, checked against its checksum (for users with internet; never in tests)."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tarfile
@@ -8,7 +9,15 @@ import urllib.request
 from pathlib import Path
 
 from ..errors import FewshotError
-from .omniglot import file_digest
+
+
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256") -> str:
+    """Hex digest of a file, read in 1 MiB chunks."""
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def fetch_checked(url: str, dest: str | os.PathLike, algorithm: str, digest: str, timeout: float = 20.0) -> Path:

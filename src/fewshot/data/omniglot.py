@@ -8,10 +8,7 @@ The group of each class is its alphabet.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import urllib.request
 from pathlib import Path
 from typing import Sequence
 
@@ -19,6 +16,7 @@ import torch
 
 from ..errors import FewshotError
 from .dataset import ClassDataset, cached, env_data_root
+from .download import fetch_checked
 from .images import Preprocess, as_size, is_image_file, load_image
 from .safezip import open_zip, read_member
 
@@ -162,14 +160,6 @@ def default_root() -> Path:
     return env_data_root("Omniglot", ("omniglot",))
 
 
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def download_file(name: str, root: str | os.PathLike, timeout: float = 20.0) -> Path:
     """Fetch one official Omniglot file into ``root`` (no-op when present), checking its checksum.
 
@@ -182,18 +172,4 @@ def download_file(name: str, root: str | os.PathLike, timeout: float = 20.0) -> 
     dest = root / Path(rel).name
     if dest.is_file() or (root / name).is_dir():
         return dest
-    root.mkdir(parents=True, exist_ok=True)
-    url = BASE_URL + rel
-    tmp = dest.with_name(dest.name + ".part")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
-            shutil.copyfileobj(r, f)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise FewshotError(f"cannot download {url} ({getattr(e, 'reason', e)}); without internet, put "
-                           f"{Path(rel).name} into {root} and pass --data {root} or set FEWSHOT_DATA") from None
-    if file_digest(tmp, digest[0]) != digest[1]:
-        tmp.unlink(missing_ok=True)
-        raise FewshotError(f"checksum mismatch for {url}: the download is corrupt or the file changed")
-    os.replace(tmp, dest)
-    return dest
+    return fetch_checked(BASE_URL + rel, dest, digest[0], digest[1], timeout=timeout)
