@@ -4,8 +4,8 @@ drawer's demonstration, scored by the mean time-aligned distance to the characte
 
 Training characters: the small background sets' alphabets except Korean and Tagalog; test: the 57 Korean
 and Tagalog characters (1000 fixed-seed tasks: a character and a demonstrating drawer). Rows train with the
-trainer for ``--minutes`` each in their own process; the nearest-neighbour answer, the demonstration
-itself, is scored on the same tasks.
+trainer for ``--minutes`` (or exactly ``--steps`` steps) each in their own process; the nearest-neighbour
+answer, the demonstration itself, is scored on the same tasks.
 
 usage: python benchmarks/strokes_imitation.py [--minutes 10] [--rows maml,metasgd,contextual,bc] [--tasks 1000]
 """
@@ -43,8 +43,8 @@ def run_row(key: str, a) -> dict:
     train, test = _families(a.points)
     torch.manual_seed(0)
     m = fs.methods.build(method, train.in_shape, outputs=2, **options)
-    cfg = fs.TrainConfig(episodes=10 ** 7, lr=1e-3, schedule="none", val_every=0, ckpt_every=10 ** 6,
-                         log_every=100, time_limit_s=a.minutes * 60)
+    cfg = fs.TrainConfig(episodes=a.steps or 10 ** 7, lr=1e-3, schedule="none", val_every=0, ckpt_every=10 ** 6,
+                         log_every=100, time_limit_s=0.0 if a.steps else a.minutes * 60)
     res = fs.train(m, train, cfg, Path(a.out) / key, progress=False)
     r = fs.evaluate(m, test, a.tasks, progress=False)
     row = {"key": key, "label": label, "steps": res.steps, "train_s": round(res.train_time_s),
@@ -56,13 +56,16 @@ def run_row(key: str, a) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=10)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train every row exactly this many steps instead of --minutes (0: use --minutes)")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--points", type=int, default=50)
     add_row_options(ap, out="/tmp/fewshot-strokes")
     a = ap.parse_args()
     keys = a.rows.split(",")
-    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--tasks", str(a.tasks),
+    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--steps", str(a.steps),
+                                                      "--tasks", str(a.tasks),
                                                       "--points", str(a.points)])
     if driven is None:
         return
