@@ -3,9 +3,10 @@ steps, for MAML, Meta-SGD and a policy pretrained on all training goals (the sam
 beside a random policy and an oracle that sees the goal.
 
 Every learned row trains with ``recipes/maml_navigation.yaml``'s settings for the same wall-clock budget
-(``--minutes``) in its own process (``--jobs`` at a time, ``--threads`` each), then adapts on the same 100
-held-out goals (seed 2 000 003, 20 rollouts per step) with fresh rollouts after every step. Rows append
-to ``--results`` (JSON lines) as they finish; a rerun skips rows already there unless ``--fresh``.
+(``--minutes``), or the same number of meta-steps (``--steps``), in its own process (``--jobs`` at a time,
+``--threads`` each), then adapts on the same 100 held-out goals (seed 2 000 003, 20 rollouts per step) with
+fresh rollouts after every step. Rows append to ``--results`` (JSON lines) as they finish; a rerun skips rows
+already there unless ``--fresh``.
 
 usage: python benchmarks/rl_navigation.py [--minutes 15] [--rows maml,metasgd,pretrained] [--goals 100]
 """
@@ -38,6 +39,8 @@ def run_row(key: str, a) -> dict:
     cfg.method = method
     cfg.options = {**cfg.options, **options}
     cfg.train.time_limit_s, cfg.train.episodes = a.minutes * 60, 10 ** 6
+    if a.steps:                            # a fixed length instead of a clock: fair on a shared machine
+        cfg.train.time_limit_s, cfg.train.episodes = 0.0, a.steps
     run = fs.fit(cfg, Path(a.out) / key, progress=False, overwrite=True)
     res = run.train_result
     fam = tasks.make(cfg.data, cfg.test_shots, cfg.test_queries, seed=FAMILY_SEEDS["test"])
@@ -70,12 +73,15 @@ def reference_rows(goals: int) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--minutes", type=float, default=15)
+    ap.add_argument("--steps", type=int, default=0,
+                    help="train every row exactly this many meta-steps instead of --minutes (0: use --minutes)")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--goals", type=int, default=100)
     add_row_options(ap, out="/tmp/fewshot-rl-navigation")
     a = ap.parse_args()
     keys = a.rows.split(",")
-    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--goals", str(a.goals)])
+    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--steps", str(a.steps),
+                                                      "--goals", str(a.goals)])
     if driven is None:
         return
     results, failed = driven
