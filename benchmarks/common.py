@@ -203,6 +203,29 @@ def add_row_options(ap, out: str, jobs: int = 2, threads: int = 1) -> None:
     ap.add_argument("--row", help=argparse.SUPPRESS)
 
 
+def add_budget_options(ap, minutes: float, unit: str = "steps") -> None:
+    """``--minutes`` (a wall-clock training budget per row) and ``--steps`` (exactly that many training
+    ``unit`` instead, which a shared machine's load cannot shorten); see :func:`budget_args` and
+    :func:`set_budget`."""
+    ap.add_argument("--minutes", type=float, default=minutes, help="training budget of every row (minutes)")
+    ap.add_argument("--steps", type=int, default=0,
+                    help=f"train every row exactly this many {unit} instead of --minutes (0: use --minutes)")
+
+
+def budget_args(a) -> list:
+    """The budget options of :func:`add_budget_options`, to forward to a row process."""
+    return ["--minutes", str(a.minutes), "--steps", str(a.steps)]
+
+
+def set_budget(train, a, unbounded: int) -> None:
+    """Set a ``TrainConfig``'s length: exactly ``--steps`` steps without a clock, or ``unbounded`` steps
+    stopped by the ``--minutes`` time limit."""
+    if a.steps:
+        train.episodes, train.time_limit_s = a.steps, 0.0
+    else:
+        train.episodes, train.time_limit_s = unbounded, a.minutes * 60
+
+
 def drive_rows(script: str, a, keys: list, run_row, forward: list):
     """Run a row benchmark: in a row process (``--row KEY``) train and score that row and append it;
     otherwise start ``python SCRIPT --row KEY FORWARD...`` for each pending key (``--jobs`` at a time) and

@@ -1,11 +1,12 @@
 """One-shot imitation on 2-D reaching: MIL (MAML with the behaviour-cloning loss) against behaviour cloning
-of all demonstrations and a demonstration-conditioned (contextual) policy, for the same training time (or steps).
+of all demonstrations and a demonstration-conditioned (contextual) policy, for the same training
+time (or steps).
 
 Every row trains with ``recipes/mil_reach.yaml``'s data and schedule for ``--minutes`` (or exactly
 ``--steps`` steps) in its own process (``--jobs`` at a time, ``--threads`` each), then acts in closed loop on
 the same ``--tasks`` held-out tasks (seed 2 000 003) after seeing one demonstration; success = within 0.05
-of the demonstrated target for the last 10 of 20 steps. Rows append to ``--results`` as they finish; a rerun skips finished rows unless
-``--fresh``.
+of the demonstrated target for the last 10 of 20 steps. Rows append to ``--results`` as they finish; a rerun
+skips finished rows unless ``--fresh``.
 
 usage: python benchmarks/imitation_reach.py [--minutes 10] [--rows mil,bc,contextual] [--tasks 1000]
 """
@@ -15,7 +16,8 @@ import argparse
 import json
 from pathlib import Path
 
-from common import ROOT, add_row_options, drive_rows, exit_if_failed, table
+from common import (ROOT, add_budget_options, add_row_options, budget_args, drive_rows, exit_if_failed,
+                    set_budget, table)
 
 ROWS = {   # key: (label, method, options)
     "mil": ("MIL: MAML, behaviour-cloning loss, 1 step", "maml", {}),
@@ -33,9 +35,7 @@ def run_row(key: str, a) -> dict:
     cfg = fs.RunConfig.load(ROOT / "recipes" / "mil_reach.yaml")
     cfg.method = method
     cfg.options = options if method != "maml" else {**cfg.options, **options}
-    cfg.train.time_limit_s = a.minutes * 60
-    if a.steps:                            # a fixed length instead of a clock: fair on a shared machine
-        cfg.train.episodes, cfg.train.time_limit_s = a.steps, 0.0
+    set_budget(cfg.train, a, cfg.train.episodes)
     run = fs.fit(cfg, Path(a.out) / key, progress=False, overwrite=True)
     res = fs.evaluate_run(run, episodes=a.tasks, progress=False)
     row = {"key": key, "label": label, "steps": run.train_result.steps, "train_s": round(run.train_result.train_time_s),
@@ -46,16 +46,13 @@ def run_row(key: str, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--steps", type=int, default=0,
-                    help="train every row exactly this many steps instead of --minutes (0: use --minutes)")
+    add_budget_options(ap, minutes=10)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--tasks", type=int, default=1000)
     add_row_options(ap, out="/tmp/fewshot-imitation")
     a = ap.parse_args()
     keys = a.rows.split(",")
-    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--steps", str(a.steps),
-                                                      "--tasks", str(a.tasks)])
+    driven = drive_rows(__file__, a, keys, run_row, [*budget_args(a), "--tasks", str(a.tasks)])
     if driven is None:
         return
     results, failed = driven

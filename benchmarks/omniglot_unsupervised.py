@@ -6,8 +6,8 @@ drawings = 3 700 images), **labels removed** for the label-free rows (``--tasks 
 sees only the images, in a canonical order). Test: 1000 fixed-seed episodes of the 57 Korean + Tagalog
 characters with their real labels, 15 queries per class, at 5-way 1/5-shot and 20-way 1/5-shot.
 
-Rows (each trained for ``--minutes`` of meta-training, or exactly ``--steps`` meta-steps; the embedding and the clustering come before that
-clock and are cached, so the label-free rows share one learned embedding):
+Rows (each trained for ``--minutes`` of meta-training, or exactly ``--steps`` meta-steps; the embedding and
+the clustering come before that and are cached, so the label-free rows share one learned embedding):
 
 * ``embedding``: the contrastive Conv-4 embedding learned without labels (``--embed-steps`` steps), and the
   PCA-64 floor: nearest support mean in the embedding, no meta-training (fewshot.unsupervised.embedding_accuracy).
@@ -30,7 +30,8 @@ import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, TEST_ALPHABETS, RowResults, add_row_options, drive_rows, evaluate_settings, machine, table
+from common import (OMNIGLOT, TEST_ALPHABETS, RowResults, add_budget_options, add_row_options, budget_args,
+                    drive_rows, evaluate_settings, machine, set_budget, table)
 
 SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5)]
 PUBLISHED = {"CACTUs-MAML": (68.84, 87.78, 48.09, 73.36), "CACTUs-ProtoNets": (68.12, 83.58, 47.75, 66.27),
@@ -68,9 +69,8 @@ def make_cfg(key: str, a):
     else:
         cfg.train.schedule, cfg.train.step_size, cfg.train.gamma = "step", 1000, 0.5
     cfg.train.lr, cfg.train.val_every = 1e-3, 0
-    cfg.train.episodes, cfg.train.time_limit_s, cfg.train.ckpt_every = 10 ** 7, a.minutes * 60, 10 ** 7
-    if a.steps:                                    # a fixed length instead of a clock: fair on a shared machine
-        cfg.train.episodes, cfg.train.time_limit_s = a.steps, 0.0
+    cfg.train.ckpt_every = 10 ** 7
+    set_budget(cfg.train, a, 10 ** 7)
     return cfg
 
 
@@ -150,9 +150,7 @@ def render(rows: list, episodes: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=3.0, help="meta-training budget of every row")
-    ap.add_argument("--steps", type=int, default=0,
-                    help="meta-training steps of every row instead of --minutes (0: use --minutes)")
+    add_budget_options(ap, minutes=3.0, unit="meta-steps")
     ap.add_argument("--rows", default=",".join(ROWS), help="comma-separated row keys: " + ", ".join(ROWS))
     ap.add_argument("--data", default=str(OMNIGLOT))
     ap.add_argument("--episodes", type=int, default=1000, help="test episodes per setting")
@@ -167,8 +165,8 @@ def main() -> None:
     bad = [k for k in keys if k not in ROWS]
     if bad:
         sys.exit(f"unknown row {bad[0]!r}; rows: {', '.join(ROWS)}")
-    forward = ["--minutes", str(a.minutes), "--steps", str(a.steps), "--data", a.data, "--episodes", str(a.episodes),
-               "--embed-steps", str(a.embed_steps), "--partitions", str(a.partitions)]
+    forward = [*budget_args(a), "--data", a.data, "--episodes", str(a.episodes), "--embed-steps",
+               str(a.embed_steps), "--partitions", str(a.partitions)]
     if a.maml_episodes:
         forward += ["--maml-episodes", str(a.maml_episodes)]
     if a.row:                                      # a row process: train and score that row

@@ -17,7 +17,8 @@ import json
 import time
 from pathlib import Path
 
-from common import ROOT, add_row_options, drive_rows, exit_if_failed, table
+from common import (ROOT, add_budget_options, add_row_options, budget_args, drive_rows, exit_if_failed,
+                    set_budget, table)
 
 STEPS = (0, 1, 2, 3)
 ROWS = {   # key: (label, method, options)
@@ -38,9 +39,7 @@ def run_row(key: str, a) -> dict:
     cfg = fs.RunConfig.load(ROOT / "recipes" / "maml_navigation.yaml")
     cfg.method = method
     cfg.options = {**cfg.options, **options}
-    cfg.train.time_limit_s, cfg.train.episodes = a.minutes * 60, 10 ** 6
-    if a.steps:                            # a fixed length instead of a clock: fair on a shared machine
-        cfg.train.time_limit_s, cfg.train.episodes = 0.0, a.steps
+    set_budget(cfg.train, a, 10 ** 6)
     run = fs.fit(cfg, Path(a.out) / key, progress=False, overwrite=True)
     res = run.train_result
     fam = tasks.make(cfg.data, cfg.test_shots, cfg.test_queries, seed=FAMILY_SEEDS["test"])
@@ -72,16 +71,13 @@ def reference_rows(goals: int) -> list:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=15)
-    ap.add_argument("--steps", type=int, default=0,
-                    help="train every row exactly this many meta-steps instead of --minutes (0: use --minutes)")
+    add_budget_options(ap, minutes=15, unit="meta-steps")
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--goals", type=int, default=100)
     add_row_options(ap, out="/tmp/fewshot-rl-navigation")
     a = ap.parse_args()
     keys = a.rows.split(",")
-    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--steps", str(a.steps),
-                                                      "--goals", str(a.goals)])
+    driven = drive_rows(__file__, a, keys, run_row, [*budget_args(a), "--goals", str(a.goals)])
     if driven is None:
         return
     results, failed = driven

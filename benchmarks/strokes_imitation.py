@@ -15,7 +15,8 @@ import argparse
 import json
 from pathlib import Path
 
-from common import OMNIGLOT, TEST_ALPHABETS, add_row_options, drive_rows, exit_if_failed, table
+from common import (OMNIGLOT, TEST_ALPHABETS, add_budget_options, add_row_options, budget_args, drive_rows,
+                    exit_if_failed, set_budget, table)
 
 MLP = {"backbone": "mlp", "mlp_hidden": [100, 100], "bn": "none", "loss": "mse"}
 ROWS = {   # key: (label, method, options)
@@ -43,8 +44,8 @@ def run_row(key: str, a) -> dict:
     train, test = _families(a.points)
     torch.manual_seed(0)
     m = fs.methods.build(method, train.in_shape, outputs=2, **options)
-    cfg = fs.TrainConfig(episodes=a.steps or 10 ** 7, lr=1e-3, schedule="none", val_every=0, ckpt_every=10 ** 6,
-                         log_every=100, time_limit_s=0.0 if a.steps else a.minutes * 60)
+    cfg = fs.TrainConfig(lr=1e-3, schedule="none", val_every=0, ckpt_every=10 ** 6, log_every=100)
+    set_budget(cfg, a, 10 ** 7)
     res = fs.train(m, train, cfg, Path(a.out) / key, progress=False)
     r = fs.evaluate(m, test, a.tasks, progress=False)
     row = {"key": key, "label": label, "steps": res.steps, "train_s": round(res.train_time_s),
@@ -55,17 +56,14 @@ def run_row(key: str, a) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=10)
-    ap.add_argument("--steps", type=int, default=0,
-                    help="train every row exactly this many steps instead of --minutes (0: use --minutes)")
+    add_budget_options(ap, minutes=10)
     ap.add_argument("--rows", default=",".join(ROWS))
     ap.add_argument("--tasks", type=int, default=1000)
     ap.add_argument("--points", type=int, default=50)
     add_row_options(ap, out="/tmp/fewshot-strokes")
     a = ap.parse_args()
     keys = a.rows.split(",")
-    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--steps", str(a.steps),
-                                                      "--tasks", str(a.tasks),
+    driven = drive_rows(__file__, a, keys, run_row, [*budget_args(a), "--tasks", str(a.tasks),
                                                       "--points", str(a.points)])
     if driven is None:
         return
