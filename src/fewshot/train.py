@@ -100,11 +100,14 @@ class TrainResult:
     out: str
 
 
-def make_optimizer(method, cfg: TrainConfig):
+def make_optimizer(method, cfg: TrainConfig, custom: Optional[Callable] = None):
     params = [p for p in method.parameters() if p.requires_grad]
     if not params:
         raise FewshotError(f"{type(method).__name__} has nothing to train: every parameter is frozen "
                            f"(--freeze all on an encoder leaves nothing; freeze a stage instead)")
+    own = custom(params) if custom is not None else None
+    if own is not None:         # a method that computes its own step (Method.outer_optimizer)
+        return own
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if cfg.optimizer == "rmsprop":
@@ -304,7 +307,7 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
     device = sampler.device
     method.to(device)
     set_channels_last(method, config.channels_last)
-    opt = make_optimizer(method, config)
+    opt = make_optimizer(method, config, method.outer_optimizer)
     sched = make_scheduler(opt, config)
     scaler = grad_scaler(device, config.precision)     # fp16 only: dynamic loss scaling (None otherwise)
     loss_fn = compiled_loss(method, config.compile)

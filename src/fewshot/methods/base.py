@@ -268,6 +268,12 @@ class Method(nn.Module, metaclass=abc.ABCMeta):
         methods that score pairs; ``None`` (the default) for methods that do not."""
         return None
 
+    def outer_optimizer(self, params: list) -> Optional[torch.optim.Optimizer]:
+        """The optimiser over ``params`` (the trainable parameters) for a method that computes its whole
+        training step itself and returns minus that step as its loss's gradient (MAML-RL's trust-region
+        outer step: plain SGD at rate 1); ``None`` (the default): the run's ``--optimizer`` and ``--lr``."""
+        return None
+
     #: whether the method adapts by gradient steps: :meth:`adapt_predict` and :meth:`adapted_params` work
     #: (sine and navigation plots, meta-RL evaluation)
     adapts_by_gradient: ClassVar[bool] = False

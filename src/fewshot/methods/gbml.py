@@ -40,6 +40,7 @@ ADAPT = ("all", "head", "body", "none")
 COMBINE = ("mean", "agreement")
 TAML_PENALTIES = ("none", "entropy", "gini", "theil", "vol")
 VECTORIZE = ("auto", "loop", "vmap")
+OUTER = ("gradient", "trpo")
 INNER_RULES = ("sgd", "adam")
 
 Params = Dict[str, torch.Tensor]
@@ -147,6 +148,15 @@ class GradientConfig(BackboneOptions):
     workers: int = 0                #: loop on CPU: single-threaded processes sharing the tasks (0: one per thread)
     discount: float = 0.99          #: RL task families: discount of the returns-to-go
     baseline: bool = True           #: RL task families: subtract the linear feature baseline from the returns
+    #: RL task families: the outer step: gradient (the run's optimiser, e.g. Adam, on the policy-gradient
+    #: meta-objective) | trpo (a trust-region step, fewshot.rl.trpo; the run's --optimizer and --lr then do
+    #: not apply, --grad-clip clips the step)
+    outer: str = "gradient"
+    max_kl: float = 0.01            #: outer trpo: the trust region (mean KL of the adapted policies)
+    cg_iters: int = 10              #: outer trpo: conjugate-gradient iterations
+    #: outer trpo: the Fisher-vector products through the inner step exactly (third derivatives; about 4x
+    #: the time of a step) or through the inner step linearised without its Hessian (fewshot.rl.trpo)
+    exact_fisher: bool = False
 
 
 class GradientMethod(Method):
@@ -168,6 +178,9 @@ class GradientMethod(Method):
         _check(c.combine, COMBINE, "combination")
         _check(c.taml, TAML_PENALTIES, "TAML penalty")
         _check(c.vectorize, VECTORIZE, "vectorize mode")
+        _check(c.outer, OUTER, "outer step")
+        if c.outer == "trpo" and (c.max_kl <= 0 or c.cg_iters < 1):
+            raise FewshotError("outer trpo needs max_kl > 0 and cg_iters >= 1")
         if c.inner_steps < 0 or c.test_steps < 0:
             raise FewshotError("inner_steps and test_steps must be at least 0")
         if c.outputs < 1:
@@ -458,6 +471,23 @@ class GradientMethod(Method):
             sur = sur + (mod[k] * meta_grad.to(mod[k].dtype)).sum()
         return sur - sur.detach() + value.detach()
 
+    def _trust_region(self, episode, grads: Params, coef: torch.Tensor, value: torch.Tensor,
+                      metrics: dict) -> torch.Tensor:
+        """A surrogate whose gradient is minus the trust-region step of :mod:`fewshot.rl.trpo` (applied by
+        :meth:`outer_optimizer`'s SGD at rate 1)."""
+        from ..rl.trpo import trust_region_step
+        mod = self._module_params()
+        meta_grad = {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in grads.items()
+                     if mod[k].requires_grad}
+        c = self.config
+        step, info = trust_region_step(self, episode, meta_grad, c.max_kl, c.cg_iters, c.exact_fisher)
+        metrics.update(info)
+        return self._surrogate({k: -v.unsqueeze(0) for k, v in step.items()}, coef.new_ones(1), value)
+
+    def outer_optimizer(self, params):
+        c = self.config
+        return torch.optim.SGD(params, lr=1.0) if c.outer == "trpo" else None
+
     def _update_running_stats(self, stats) -> None:
         """Fold per-step batch statistics (``[step][layer] -> (mean [B, C], var [B, C])``) into the buffers."""
         if self.config.bn != "running" or not self.training:
@@ -475,11 +505,17 @@ class GradientMethod(Method):
             rl.check_rl_config(self)
             episode = rl.rollout_episode(self, episode)
             returns = episode.extra["return_before"], episode.extra["return_after"]
+        elif self.config.outer != "gradient":
+            raise FewshotError(f"outer {self.config.outer} is an outer step for RL task families (navigation2d, "
+                               "bandit:...); other data train with outer gradient")
         grads, losses, aux = self.task_gradients(episode)
         coef, metrics = self.combine(grads, losses)
         self._update_running_stats(aux.get("stats", []))
         qloss = aux["loss"].mean()
-        out = self._surrogate(grads, coef, qloss)
+        if returns is not None and self.config.outer == "trpo":
+            out = self._trust_region(episode, grads, coef, qloss, metrics)
+        else:
+            out = self._surrogate(grads, coef, qloss)
         metrics["query_loss"] = float(qloss)
         if returns is not None:
             metrics["return_pre"], metrics["return"] = float(returns[0].mean()), float(returns[1].mean())

@@ -11,11 +11,13 @@ turns it into the examples that machinery expects (Finn et al. 2017, section 3.2
    time step) become the query set, whose policy-gradient loss is the outer objective.
 
 With ``inner_steps`` S > 1 each step gets rollouts of its own, drawn with the parameters after the steps
-before it (the support set then has a leading step axis). The outer step is the trainer's optimiser
-(Adam) on this policy-gradient meta-objective -- the "VPG outer step" of the meta-RL literature, not the
-paper's TRPO: the trainer, the optimiser and the resume logic stay the ones every method uses. As in the
-MAML paper, the meta-gradient flows through the inner update (second order unless ``first_order``) but
-not through the dependence of the inner rollouts' distribution on ``theta``.
+before it (the support set then has a leading step axis). The outer step is either the trainer's optimiser
+(Adam) on this policy-gradient meta-objective (``outer: gradient``, the "VPG outer step" of the meta-RL
+literature) or the paper's TRPO (``outer: trpo``, :mod:`fewshot.rl.trpo`: the method computes the
+trust-region step and hands it to the trainer as its loss's gradient, for plain SGD at rate 1); either way
+the trainer, the checkpoints and the resume logic stay the ones every method uses. As in the MAML paper,
+the meta-gradient flows through the inner update (second order unless ``first_order``) but not through
+the dependence of the inner rollouts' distribution on ``theta``.
 
 All randomness (task draws, actions, environment noise) comes from the task family's generator, which is
 checkpointed: resume is exact like every other family's.

@@ -1,5 +1,6 @@
 """Policy-gradient pieces shared by the meta-RL methods: policies read from network outputs, the linear
-feature baseline, advantages, and the REINFORCE surrogate loss.
+feature baseline, advantages, the REINFORCE surrogate loss, and the KL divergence between two policies and
+its Hessian (the Fisher information) for the trust-region outer step of :mod:`fewshot.rl.trpo`.
 
 A policy network's output ``out`` ``[M, D]`` is read as
 
@@ -24,15 +25,46 @@ import torch
 LOG_STD_RANGE = (-5.0, 2.0)
 
 
+def _gaussian(out: torch.Tensor) -> tuple:
+    A = out.shape[-1] // 2
+    return out[..., :A], out[..., A:2 * A].clamp(*LOG_STD_RANGE)
+
+
 def log_prob(out: torch.Tensor, actions: torch.Tensor, discrete: bool) -> torch.Tensor:
     """``log pi(a | s)`` per sample: ``out`` ``[..., D]``, actions ``[...]`` (discrete) or ``[..., A]``."""
     out = out.float()
     if discrete:
         return out.log_softmax(-1).gather(-1, actions.long().unsqueeze(-1)).squeeze(-1)
-    A = out.shape[-1] // 2
-    mean, log_std = out[..., :A], out[..., A:2 * A].clamp(*LOG_STD_RANGE)
+    mean, log_std = _gaussian(out)
     z = (actions - mean) / log_std.exp()
     return (-0.5 * z * z - log_std - 0.5 * math.log(2 * math.pi)).sum(-1)
+
+
+def policy_kl(old: torch.Tensor, new: torch.Tensor, discrete: bool) -> torch.Tensor:
+    """``KL(pi_old(.|s) || pi_new(.|s))`` per sample from two network outputs ``[..., D]``."""
+    old, new = old.float(), new.float()
+    if discrete:
+        lo, ln = old.log_softmax(-1), new.log_softmax(-1)
+        return (lo.exp() * (lo - ln)).sum(-1)
+    mo, so = _gaussian(old)
+    mn, sn = _gaussian(new)
+    return (sn - so + ((2 * so).exp() + (mo - mn) ** 2) / (2 * (2 * sn).exp()) - 0.5).sum(-1)
+
+
+def fisher_product(out: torch.Tensor, tangent: torch.Tensor, discrete: bool) -> torch.Tensor:
+    """The policy's Fisher information in output space at ``out`` (the Hessian of :func:`policy_kl` in its
+    second argument at the first) times an output tangent ``[..., D]``: ``diag(p) - pp'`` for logits; for a
+    Gaussian ``1/sigma^2`` on the mean and 2 on the log standard deviation (0 where it is clamped)."""
+    out, tangent = out.float(), tangent.float()
+    if discrete:
+        p = out.softmax(-1)
+        return p * tangent - p * (p * tangent).sum(-1, keepdim=True)
+    A = out.shape[-1] // 2
+    raw = out[..., A:2 * A]
+    inside = ((raw >= LOG_STD_RANGE[0]) & (raw <= LOG_STD_RANGE[1])).float()
+    fm = tangent[..., :A] * (-2 * raw.clamp(*LOG_STD_RANGE)).exp()
+    fs = 2 * inside * tangent[..., A:2 * A]
+    return torch.cat([fm, fs, torch.zeros_like(tangent[..., 2 * A:])], -1)
 
 
 def sample_action(out: torch.Tensor, discrete: bool, generator: torch.Generator) -> torch.Tensor:
@@ -41,8 +73,7 @@ def sample_action(out: torch.Tensor, discrete: bool, generator: torch.Generator)
     if discrete:
         flat = out.reshape(-1, out.shape[-1]).softmax(-1)
         return torch.multinomial(flat, 1, generator=generator).view(out.shape[:-1])
-    A = out.shape[-1] // 2
-    mean, log_std = out[..., :A], out[..., A:2 * A].clamp(*LOG_STD_RANGE)
+    mean, log_std = _gaussian(out)
     return mean + log_std.exp() * torch.randn(mean.shape, generator=generator, device=out.device)
 
 
