@@ -6,9 +6,12 @@ The policy is an MLP on the episode's sufficient statistics (each arm's successe
 pull number, over n), so it can learn within an episode as the classical policies do; MAML meta-trains it
 (and its adaptation across episodes: one policy-gradient step on ``--shots`` episodes of the task, then a
 fresh episode). Reported: the return of the meta-trained policy before adaptation (a learned bandit
-algorithm, RL^2-like) and after one step. Rows train for ``--minutes`` each in their own process.
+algorithm, RL^2-like) and after one step. Rows train for ``--minutes`` each (or exactly ``--steps``
+meta-steps) in their own process, with Adam on the policy-gradient meta-objective or, with ``--outer trpo``,
+the trust-region outer step of :mod:`fewshot.rl.trpo` (exact Fisher-vector products, KL 0.01; row keys
+``bandit-kK-trpo``).
 
-usage: python benchmarks/rl_bandits.py [--minutes 10] [--arms 5,10] [--tasks 1000]
+usage: python benchmarks/rl_bandits.py [--minutes 10 | --steps N] [--arms 5,10] [--outer gradient|trpo] [--tasks 1000]
 """
 from __future__ import annotations
 
@@ -16,9 +19,13 @@ import argparse
 import json
 from pathlib import Path
 
-from common import add_row_options, drive_rows, exit_if_failed, table
+from common import add_budget_options, add_row_options, budget_args, drive_rows, exit_if_failed, set_budget, table
 
-SETTINGS = {"bandit-k5": 5, "bandit-k10": 10}
+TRPO = {"outer": "trpo", "max_kl": 0.01, "exact_fisher": True}
+
+
+def row_key(arms: int, outer: str) -> str:
+    return f"bandit-k{arms}" + ("-trpo" if outer == "trpo" else "")
 
 
 def run_row(key: str, a) -> dict:
@@ -28,17 +35,18 @@ def run_row(key: str, a) -> dict:
     from fewshot import tasks
     from fewshot.rl.meta import evaluate_adaptation
     from fewshot.run import FAMILY_SEEDS
-    k = SETTINGS[key]
+    k, trpo = int(key.split("-")[1][1:]), key.endswith("-trpo")
     cfg = fs.RunConfig(method="maml", data=f"bandit:k={k},n=100", shots=10, queries=10, batch=10, seed=0,
                        options={"backbone": "mlp", "mlp_hidden": [64, 64], "bn": "none", "inner_lr": 0.1,
-                                "discount": 1.0})
+                                "discount": 1.0, **(TRPO if trpo else {})})
     cfg.train.lr, cfg.train.schedule, cfg.train.val_every, cfg.train.ckpt_every = 3e-3, "none", 0, 50
-    cfg.train.episodes, cfg.train.time_limit_s = 10 ** 6, a.minutes * 60
+    set_budget(cfg.train, a, 10 ** 6)
     cfg.val_shots = cfg.val_queries = cfg.test_shots = cfg.test_queries = 10
     run = fs.fit(cfg, Path(a.out) / key, progress=False, overwrite=True)
     fam = tasks.make(cfg.data, 10, 10, seed=FAMILY_SEEDS["test"])
     ret = evaluate_adaptation(run.method, fam, a.tasks, (0, 1), rollouts=10)
-    row = {"key": key, "arms": k, "steps": run.train_result.steps, "train_s": round(run.train_result.train_time_s),
+    row = {"key": key, "arms": k, "outer": "trpo" if trpo else "adam", "steps": run.train_result.steps,
+           "train_s": round(run.train_result.train_time_s),
            "maml": {str(s): v for s, v in ret.items()}}
     print(json.dumps(row), flush=True)
     return row
@@ -57,19 +65,21 @@ def classical(k: int, n_tasks: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--minutes", type=float, default=10)
+    add_budget_options(ap, minutes=10, unit="meta-steps")
     ap.add_argument("--arms", default="5,10")
+    ap.add_argument("--outer", default="gradient", choices=("gradient", "trpo"))
     ap.add_argument("--tasks", type=int, default=1000)
     add_row_options(ap, out="/tmp/fewshot-rl-bandits")
     a = ap.parse_args()
-    keys = [f"bandit-k{k}" for k in a.arms.split(",")]
-    driven = drive_rows(__file__, a, keys, run_row, ["--minutes", str(a.minutes), "--tasks", str(a.tasks)])
+    keys = [row_key(int(k), a.outer) for k in a.arms.split(",")]
+    driven = drive_rows(__file__, a, keys, run_row, [*budget_args(a), "--tasks", str(a.tasks)])
     if driven is None:
         return
     results, failed = driven
     for r in results.latest(keys):
         res = classical(r["arms"], a.tasks)
-        rows = [[f"MAML-RL policy, before adaptation ({r['steps']} meta-steps in {r['train_s'] / 60:.1f} min)",
+        outer = ", TRPO outer step" if r.get("outer") == "trpo" else ""
+        rows = [[f"MAML-RL policy{outer}, before adaptation ({r['steps']} meta-steps in {r['train_s'] / 60:.1f} min)",
                  "%.2f ± %.2f" % tuple(r["maml"]["0"])],
                 ["MAML-RL policy, after one step on 10 episodes", "%.2f ± %.2f" % tuple(r["maml"]["1"])]]
         best = max((n for n in res if n != "oracle"), key=lambda n: res[n][0])

@@ -2,7 +2,8 @@
 steps, for MAML, Meta-SGD and a policy pretrained on all training goals (the same inner step at test),
 beside a random policy and an oracle that sees the goal.
 
-Every learned row trains with ``recipes/maml_navigation.yaml``'s settings for the same wall-clock budget
+Every learned row trains with ``recipes/maml_navigation.yaml``'s settings (the ``-trpo`` rows with
+``recipes/maml_navigation_trpo.yaml``'s trust-region outer step) for the same wall-clock budget
 (``--minutes``), or the same number of meta-steps (``--steps``), in its own process (``--jobs`` at a time,
 ``--threads`` each), then adapts on the same 100 held-out goals (seed 2 000 003, 20 rollouts per step) with
 fresh rollouts after every step. Rows append to ``--results`` (JSON lines) as they finish; a rerun skips rows
@@ -21,10 +22,15 @@ from common import (ROOT, add_budget_options, add_row_options, budget_args, driv
                     set_budget, table)
 
 STEPS = (0, 1, 2, 3)
-ROWS = {   # key: (label, method, options)
-    "maml": ("MAML (second order)", "maml", {}),
-    "metasgd": ("Meta-SGD", "metasgd", {}),
-    "pretrained": ("pretrained on all goals, fine-tuned", "maml", {"inner_steps": 0, "test_steps": 1}),
+PRETRAINED = {"inner_steps": 0, "test_steps": 1}
+ROWS = {   # key: (label, method, options, recipe)
+    "maml": ("MAML (second order)", "maml", {}, "maml_navigation"),
+    "metasgd": ("Meta-SGD", "metasgd", {}, "maml_navigation"),
+    "pretrained": ("pretrained on all goals, fine-tuned", "maml", PRETRAINED, "maml_navigation"),
+    # the same rows with the trust-region outer step (fewshot.rl.trpo) instead of Adam
+    "maml-trpo": ("MAML (second order), TRPO outer step", "maml", {}, "maml_navigation_trpo"),
+    "metasgd-trpo": ("Meta-SGD, TRPO outer step", "metasgd", {}, "maml_navigation_trpo"),
+    "pretrained-trpo": ("pretrained, TRPO, fine-tuned", "maml", PRETRAINED, "maml_navigation_trpo"),
 }
 
 
@@ -35,8 +41,8 @@ def run_row(key: str, a) -> dict:
     from fewshot import tasks
     from fewshot.rl.meta import evaluate_adaptation
     from fewshot.run import FAMILY_SEEDS
-    label, method, options = ROWS[key]
-    cfg = fs.RunConfig.load(ROOT / "recipes" / "maml_navigation.yaml")
+    label, method, options, recipe = ROWS[key]
+    cfg = fs.RunConfig.load(ROOT / "recipes" / f"{recipe}.yaml")
     cfg.method = method
     cfg.options = {**cfg.options, **options}
     set_budget(cfg.train, a, 10 ** 6)
@@ -72,7 +78,7 @@ def reference_rows(goals: int) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_budget_options(ap, minutes=15, unit="meta-steps")
-    ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--rows", default="maml,metasgd,pretrained", help=f"of {','.join(ROWS)}")
     ap.add_argument("--goals", type=int, default=100)
     add_row_options(ap, out="/tmp/fewshot-rl-navigation")
     a = ap.parse_args()
