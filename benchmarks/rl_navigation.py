@@ -1,6 +1,8 @@
 """Meta-RL on 2-D navigation (the MAML paper's Fig. 4): return on held-out goals after 0-3 policy-gradient
 steps, for MAML, Meta-SGD and a policy pretrained on all training goals (the same inner step at test),
-beside a random policy and an oracle that sees the goal.
+beside a random policy, the best possible return (the clipped straight line to the goal), and, as in the
+paper, an oracle *policy*: the same network given the goal as input (``navigation2d:goal=1``), trained on all
+goals by the same outer step.
 
 Every learned row trains with ``recipes/maml_navigation.yaml``'s settings (the ``-trpo`` rows with
 ``recipes/maml_navigation_trpo.yaml``'s trust-region outer step) for the same wall-clock budget
@@ -23,14 +25,18 @@ from common import (ROOT, add_budget_options, add_row_options, budget_args, driv
 
 STEPS = (0, 1, 2, 3)
 PRETRAINED = {"inner_steps": 0, "test_steps": 1}
-ROWS = {   # key: (label, method, options, recipe)
-    "maml": ("MAML (second order)", "maml", {}, "maml_navigation"),
-    "metasgd": ("Meta-SGD", "metasgd", {}, "maml_navigation"),
-    "pretrained": ("pretrained on all goals, fine-tuned", "maml", PRETRAINED, "maml_navigation"),
+ADAM, TRPO = "maml_navigation", "maml_navigation_trpo"
+ROWS = {   # key: (label, method, options, recipe, data (None: the recipe's))
+    "maml": ("MAML (second order)", "maml", {}, ADAM, None),
+    "metasgd": ("Meta-SGD", "metasgd", {}, ADAM, None),
+    "pretrained": ("pretrained on all goals, fine-tuned", "maml", PRETRAINED, ADAM, None),
     # the same rows with the trust-region outer step (fewshot.rl.trpo) instead of Adam
-    "maml-trpo": ("MAML (second order), TRPO outer step", "maml", {}, "maml_navigation_trpo"),
-    "metasgd-trpo": ("Meta-SGD, TRPO outer step", "metasgd", {}, "maml_navigation_trpo"),
-    "pretrained-trpo": ("pretrained, TRPO, fine-tuned", "maml", PRETRAINED, "maml_navigation_trpo"),
+    "maml-trpo": ("MAML (second order), TRPO outer step", "maml", {}, TRPO, None),
+    "metasgd-trpo": ("Meta-SGD, TRPO outer step", "metasgd", {}, TRPO, None),
+    "pretrained-trpo": ("pretrained, TRPO, fine-tuned", "maml", PRETRAINED, TRPO, None),
+    # the MAML paper's oracle: the same policy network given the goal as input, trained on all goals
+    "oracle-policy": ("oracle policy (sees the goal)", "maml", PRETRAINED, ADAM, "navigation2d:goal=1"),
+    "oracle-policy-trpo": ("oracle policy (sees the goal), TRPO", "maml", PRETRAINED, TRPO, "navigation2d:goal=1"),
 }
 
 
@@ -41,9 +47,9 @@ def run_row(key: str, a) -> dict:
     from fewshot import tasks
     from fewshot.rl.meta import evaluate_adaptation
     from fewshot.run import FAMILY_SEEDS
-    label, method, options, recipe = ROWS[key]
+    label, method, options, recipe, data = ROWS[key]
     cfg = fs.RunConfig.load(ROOT / "recipes" / f"{recipe}.yaml")
-    cfg.method = method
+    cfg.method, cfg.data = method, data or cfg.data
     cfg.options = {**cfg.options, **options}
     set_budget(cfg.train, a, 10 ** 6)
     run = fs.fit(cfg, Path(a.out) / key, progress=False, overwrite=True)
@@ -58,7 +64,7 @@ def run_row(key: str, a) -> dict:
 
 
 def reference_rows(goals: int) -> list:
-    """Random uniform velocities and the oracle, on the same held-out goals."""
+    """Random uniform velocities and the best possible return, on the same held-out goals."""
     import torch
     from fewshot import tasks
     from fewshot.evaluate import mean_ci
@@ -72,7 +78,7 @@ def reference_rows(goals: int) -> list:
     r = mean_ci(rand.returns.mean(1).double().tolist())
     o = mean_ci(env.optimal_return(goal).double().tolist())
     return [["random (uniform velocity)", "-", *(f"{r[0]:.2f} ± {r[1]:.2f}" for _ in STEPS)],
-            ["oracle (sees the goal)", "-", *(f"{o[0]:.2f} ± {o[1]:.2f}" for _ in STEPS)]]
+            ["best possible (straight to the goal)", "-", *(f"{o[0]:.2f} ± {o[1]:.2f}" for _ in STEPS)]]
 
 
 def main() -> None:

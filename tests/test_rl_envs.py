@@ -98,6 +98,17 @@ def test_navigation_oracle_and_masking():
     assert wild.obs[0, 0, 1].tolist() == pytest.approx([0.1, 0.1])
 
 
+def test_navigation_can_observe_the_goal():
+    """navigation2d:goal=1 (the paper's oracle policy input): the observation is position then goal, the
+    dynamics, rewards and the oracle's return are those of the plain family."""
+    nav, plain = make_source("navigation2d:goal=1"), make_source("navigation2d")
+    assert nav.obs_dim == 4 and plain.obs_dim == 2
+    tasks = {"goal": torch.tensor([[0.35, 0.0], [-0.2, 0.1]])}
+    traj = rollout(nav, tasks, lambda obs, t: nav.oracle_action(tasks, obs), 2, torch.Generator())
+    assert torch.equal(traj.obs[..., 2:], tasks["goal"][:, None, None].expand(2, 2, traj.obs.shape[2], 2))
+    assert torch.equal(nav.optimal_return(tasks), plain.optimal_return(tasks))
+
+
 def test_navigation_random_policy_far_below_oracle():
     nav = make_source("navigation2d")
     g = torch.Generator().manual_seed(0)
@@ -107,7 +118,7 @@ def test_navigation_random_policy_far_below_oracle():
 
 
 @pytest.mark.parametrize("spec", ["bandit:k=0", "bandit:k=1", "bandit:n=0", "bandit:k=x", "bandit:arms=3",
-                                  "navigation2d:horizon=0", "maze"])
+                                  "navigation2d:horizon=0", "navigation2d:goal=2", "maze"])
 def test_bad_task_specs(spec):
     with pytest.raises(FewshotError) as e:
         make_source(spec)

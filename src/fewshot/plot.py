@@ -207,7 +207,8 @@ def navigation_trajectories(run, out: Path, data: Optional[str] = None, goals: i
     for i, ax in enumerate(axes[0]):
         for k, traj in enumerate(trajs):
             n = int(traj.mask[i, 0].sum())
-            path = torch.cat([torch.zeros(1, 2), traj.obs[i, 0, 1:n].cpu(), traj.obs[i, 0, n - 1:n].cpu()
+            pos = traj.obs[i, 0, :, :2].cpu()          # (navigation2d:goal=1 observes the goal after it)
+            path = torch.cat([torch.zeros(1, 2), pos[1:n], pos[n - 1:n]
                               + traj.actions[i, 0, n - 1:n].cpu().clamp(-fam.env.max_speed, fam.env.max_speed)])
             ax.plot(path[:, 0], path[:, 1], color=f"C{k}", lw=1.2,
                     label=("before adaptation" if k == 0 else f"after {k} step{'s' if k > 1 else ''}")

@@ -13,7 +13,8 @@ there is no Python loop per environment step per task.
 - :class:`Navigation2D` (``navigation2d``): the MAML paper's point robot. Goal ``~ U[-0.5, 0.5]^2``, start
   at the origin, action = velocity clipped to ``[-0.1, 0.1]`` per coordinate, reward ``-||x' - goal||``
   after the move, at most 100 steps; an episode ends once the robot is within 0.01 (Euclidean) of the
-  goal, and later steps give reward 0 and are masked out.
+  goal, and later steps give reward 0 and are masked out. ``navigation2d:goal=1`` adds the goal to the
+  observation (the input of the MAML paper's oracle policy).
 
 A user plugs in their own family by subclassing :class:`TaskSource` (``sample_tasks``, ``reset``,
 ``step``); :class:`GymnasiumSource` wraps any gymnasium environment whose task parameter can be set.
@@ -134,38 +135,48 @@ class BernoulliBandit(TaskSource):
 
 
 class Navigation2D(TaskSource):
-    """The MAML paper's 2-D point robot (Finn et al. 2017, section 5.3)."""
+    """The MAML paper's 2-D point robot (Finn et al. 2017, section 5.3). The observation is the position;
+    with ``goal`` (``navigation2d:goal=1``) it is the position and the goal, the input of the paper's
+    oracle policy, which a policy then learns to reach without adapting."""
 
     name = "navigation2d"
-    obs_dim = 2
     action_dim = 2
 
     def __init__(self, horizon: int = 100, goal_range: float = 0.5, max_speed: float = 0.1,
-                 tolerance: float = 0.01):
+                 tolerance: float = 0.01, goal: int = 0):
         if int(horizon) < 1:
             raise FewshotError(f"navigation episodes need at least 1 step, got horizon={horizon}")
+        if int(goal) not in (0, 1):
+            raise FewshotError(f"navigation2d:goal must be 0 (the position only) or 1 (position and goal), got {goal}")
         self.horizon, self.goal_range = int(horizon), float(goal_range)
         self.max_speed, self.tolerance = float(max_speed), float(tolerance)
+        self.observe_goal = bool(goal)
+        self.obs_dim = 4 if self.observe_goal else 2
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> Tasks:
         u = torch.rand(n, 2, generator=generator, device=generator.device)
         return {"goal": (2 * u - 1) * self.goal_range}
 
+    def _obs(self, tasks: Tasks, pos: torch.Tensor) -> torch.Tensor:
+        if not self.observe_goal:
+            return pos
+        return torch.cat([pos, tasks["goal"].unsqueeze(1).expand_as(pos)], -1)
+
     def reset(self, tasks: Tasks, rollouts: int, generator: Optional[torch.Generator] = None) -> tuple:
         g = tasks["goal"]
         pos = g.new_zeros(g.shape[0], rollouts, 2)
-        return pos, pos
+        return pos, self._obs(tasks, pos)
 
     def step(self, tasks: Tasks, state, action: torch.Tensor, generator: torch.Generator) -> tuple:
         pos = state + action.clamp(-self.max_speed, self.max_speed)
         dist = (pos - tasks["goal"].unsqueeze(1)).norm(dim=-1)
-        return pos, pos, -dist, dist < self.tolerance
+        return pos, self._obs(tasks, pos), -dist, dist < self.tolerance
 
     def oracle_action(self, tasks: Tasks, obs: torch.Tensor) -> torch.Tensor:
         """The best action when the goal is known: the clipped step towards it. Each coordinate's
         distance to the goal then shrinks as fast as the speed limit allows, so every step's distance is
         the smallest reachable and the return is the highest possible."""
-        return (tasks["goal"].unsqueeze(1) - obs).clamp(-self.max_speed, self.max_speed)
+        return (tasks["goal"].unsqueeze(1) - obs[..., :2]).clamp(-self.max_speed, self.max_speed)
 
     def optimal_return(self, tasks: Tasks) -> torch.Tensor:
         g = torch.Generator(device=tasks["goal"].device)
@@ -173,7 +184,7 @@ class Navigation2D(TaskSource):
         return traj.returns[:, 0]
 
     def __repr__(self) -> str:
-        return f"Navigation2D(horizon={self.horizon})"
+        return f"Navigation2D(horizon={self.horizon}" + (", goal=1)" if self.observe_goal else ")")
 
 
 class Reach2D(TaskSource):
@@ -361,13 +372,13 @@ SOURCES = {"bandit": BernoulliBandit, "navigation2d": Navigation2D, "reach": Rea
 
 
 def make_source(spec: str) -> TaskSource:
-    """A task source from a ``--data`` string: ``bandit[:k=K,n=N]``, ``navigation2d[:horizon=T]`` or
+    """A task source from a ``--data`` string: ``bandit[:k=K,n=N]``, ``navigation2d[:horizon=T,goal=0|1]`` or
     ``reach[:targets=N,horizon=T]``."""
     name = str(spec).partition(":")[0]
     if name == "bandit":
         return BernoulliBandit(**parse_options(spec, {"k": 5, "n": 100}))
     if name == "navigation2d":
-        return Navigation2D(**parse_options(spec, {"horizon": 100}))
+        return Navigation2D(**parse_options(spec, {"horizon": 100, "goal": 0}))
     if name == "reach":
         return Reach2D(**parse_options(spec, {"targets": 3, "horizon": 20}))
     raise FewshotError(f"unknown RL task family {spec!r}; choose from {', '.join(SOURCES)}")
