@@ -25,6 +25,7 @@ from common import (ROOT, add_budget_options, add_row_options, budget_args, driv
 
 STEPS = (0, 1, 2, 3)
 PRETRAINED = {"inner_steps": 0, "test_steps": 1}
+ORACLE = {"inner_steps": 0}
 ADAM, TRPO = "maml_navigation", "maml_navigation_trpo"
 ROWS = {   # key: (label, method, options, recipe, data (None: the recipe's))
     "maml": ("MAML (second order)", "maml", {}, ADAM, None),
@@ -34,9 +35,10 @@ ROWS = {   # key: (label, method, options, recipe, data (None: the recipe's))
     "maml-trpo": ("MAML (second order), TRPO outer step", "maml", {}, TRPO, None),
     "metasgd-trpo": ("Meta-SGD, TRPO outer step", "metasgd", {}, TRPO, None),
     "pretrained-trpo": ("pretrained, TRPO, fine-tuned", "maml", PRETRAINED, TRPO, None),
-    # the MAML paper's oracle: the same policy network given the goal as input, trained on all goals
-    "oracle-policy": ("oracle policy (sees the goal)", "maml", PRETRAINED, ADAM, "navigation2d:goal=1"),
-    "oracle-policy-trpo": ("oracle policy (sees the goal), TRPO", "maml", PRETRAINED, TRPO, "navigation2d:goal=1"),
+    # the MAML paper's oracle: the same policy network given the goal as input, trained on all goals and
+    # validated without adaptation (a fine-tuning step only spoils a policy that already knows the goal)
+    "oracle-policy": ("oracle policy (sees the goal)", "maml", ORACLE, ADAM, "navigation2d:goal=1"),
+    "oracle-policy-trpo": ("oracle policy (sees the goal), TRPO", "maml", ORACLE, TRPO, "navigation2d:goal=1"),
 }
 
 
