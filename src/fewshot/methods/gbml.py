@@ -154,8 +154,8 @@ class GradientConfig(BackboneOptions):
     outer: str = "gradient"
     max_kl: float = 0.01            #: outer trpo: the trust region (mean KL of the adapted policies)
     cg_iters: int = 10              #: outer trpo: conjugate-gradient iterations
-    #: outer trpo: the Fisher-vector products through the inner step exactly (third derivatives; about 4x
-    #: the time of a step) or through the inner step linearised without its Hessian (fewshot.rl.trpo)
+    #: outer trpo: the Fisher-vector products through the inner step exactly (third derivatives; a
+    #: meta-step takes about 2x as long) or through it linearised without its Hessian (fewshot.rl.trpo)
     exact_fisher: bool = False
 
 
