@@ -154,9 +154,10 @@ class GradientConfig(BackboneOptions):
     outer: str = "gradient"
     max_kl: float = 0.01            #: outer trpo: the trust region (mean KL of the adapted policies)
     cg_iters: int = 10              #: outer trpo: conjugate-gradient iterations
-    #: outer trpo: the Fisher-vector products through the inner step exactly (third derivatives; a
-    #: meta-step takes about 2x as long) or through it linearised without its Hessian (fewshot.rl.trpo)
-    exact_fisher: bool = False
+    #: outer trpo: the Fisher-vector products through the inner step exactly (third derivatives), or
+    #: (false) through it linearised without its Hessian: each meta-step about half as long, a worse
+    #: direction (fewshot.rl.trpo)
+    exact_fisher: bool = True
 
 
 class GradientMethod(Method):

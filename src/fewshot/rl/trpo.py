@@ -15,13 +15,13 @@ rollouts per task ``i`` and query rollouts drawn with the adapted ``theta'_i``:
   candidate re-adapts every task from the candidate parameters, first order), else no step.
 
 ``F`` is the Hessian of the KL above: the Fisher of the adapted policies on the query states, pulled back
-to ``theta`` through the inner update. ``exact=True`` (``exact_fisher``) pulls it back exactly, with
-forward- and reverse-mode derivatives through the inner step (third derivatives of the policy; the
-trust-region part then takes about 4x as long, the whole meta-step about 2x). The default linearises the inner update without its Hessian term
-(``d theta' / d theta = I`` for the weights, ``d theta' / d alpha = (theta' - theta) / alpha`` for
-Meta-SGD's learned step sizes): two passes of the policy network per iteration. Either way the line search
-checks the exact objective and KL, so the trust region holds; only the direction and the first trial
-length differ. Measured on 2-D navigation: at initialisation both products agree (cosine 0.998), but after
+to ``theta`` through the inner update. ``exact=True`` (``exact_fisher``, the default) pulls it back
+exactly, with forward- and reverse-mode derivatives through the inner step (third derivatives of the
+policy; the trust-region part then takes about 4x as long, the whole meta-step about 2x). ``exact=False``
+linearises the inner update without its Hessian term (``d theta' / d theta = I`` for the weights,
+``d theta' / d alpha = (theta' - theta) / alpha`` for Meta-SGD's learned step sizes): two passes of the
+policy network per iteration. Either way the line search checks the exact objective and KL, so the trust
+region holds; only the direction and the first trial length differ. Measured on 2-D navigation: at initialisation both products agree (cosine 0.998), but after
 150 meta-steps the exact curvature along the gradient is 13x the linearised one, the linearised step
 needs 7-10 backtracks (a step of 0.8^9 = 0.13 of its trial length; the exact one needed 1 on the same
 episode, 5 on average over a 500-step run), and the adapted training return after 50 meta-steps is -18.7
@@ -89,7 +89,7 @@ class MetaTrustRegion:
     rollouts and time steps, as TRPO subsamples its states for them); the objective and KL use them all."""
 
     def __init__(self, method, ep: Episode, keys, damping: float = 1e-2, fisher_stride: int = 5,
-                 exact: bool = False):
+                 exact: bool = True):
         self.method, self.ep, self.damping, self.exact = method, ep, damping, exact
         self.discrete = ep.extra["loss"] == "pg-discrete"
         self.theta_all = method.meta_params()
@@ -205,6 +205,6 @@ class MetaTrustRegion:
 
 
 def trust_region_step(method, ep: Episode, meta_grad: Params, max_kl: float = 0.01, cg_iters: int = 10,
-                      exact: bool = False) -> tuple:
+                      exact: bool = True) -> tuple:
     """:meth:`MetaTrustRegion.step` over the trainable meta-parameters that ``meta_grad`` names."""
     return MetaTrustRegion(method, ep, list(meta_grad), exact=exact).step(meta_grad, max_kl, cg_iters)
