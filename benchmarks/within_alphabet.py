@@ -41,14 +41,17 @@ from common import OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, add_row_options, driv
 
 HERE = Path(__file__).resolve().parent
 PEER_SCRIPT = HERE / "peers" / "easyfsl_within.py"
-#: row key -> (distance, validation share of the training classes) for fewshot rows; None: fewshot's default
+#: row key -> (distance, validation share of the training classes, support and queries in separate
+#: batch-norm passes) for fewshot rows; None: fewshot's default
 FEWSHOT_ROWS = {
-    "fewshot": (None, None),
-    "fewshot-sqeuclidean": ("sqeuclidean", None),
-    "fewshot-euclidean": ("euclidean", None),
-    "fewshot-noval": (None, 0.0),
-    "fewshot-euclidean-noval": ("euclidean", 0.0),
-    "fewshot-sqeuclidean-noval": ("sqeuclidean", 0.0),
+    "fewshot": (None, None, False),
+    "fewshot-sqeuclidean": ("sqeuclidean", None, False),
+    "fewshot-euclidean": ("euclidean", None, False),
+    "fewshot-noval": (None, 0.0, False),
+    "fewshot-euclidean-noval": ("euclidean", 0.0, False),
+    "fewshot-sqeuclidean-noval": ("sqeuclidean", 0.0, False),
+    # every procedural difference from easyfsl removed: also support and queries in two batch-norm batches
+    "fewshot-euclidean-noval-sep": ("euclidean", 0.0, True),
 }
 PEER_ROWS = {"easyfsl": "euclidean", "easyfsl-sqeuclidean": "sqeuclidean"}
 DEFAULT_ROWS = ("easyfsl", "fewshot", "fewshot-euclidean", "fewshot-noval", "fewshot-euclidean-noval")
@@ -115,7 +118,7 @@ def run_row(key: str, a) -> dict:
         return {"key": key, "episodes": a.episodes, "seed": a.seed, "train_s": r["train_s"],
                 "wall_s": round(time.time() - t0), "acc": r["acc"], "pixels_max_diff": r["pixels_max_diff"]}
     import fewshot as fs
-    distance, val = FEWSHOT_ROWS[key]
+    distance, val, separate = FEWSHOT_ROWS[key]
     cfg = fs.RunConfig(method="protonet", data=str(a.data), split="group:" + ",".join(TEST_ALPHABETS),
                        rotations=True, precision="fp32", seed=a.seed)
     cfg.train.episodes = a.episodes
@@ -123,6 +126,8 @@ def run_row(key: str, a) -> dict:
         cfg.options["distance"] = distance
     if val is not None:
         cfg.val_fraction = val
+    if separate:
+        cfg.options["separate_passes"] = True
     run = fs.fit(cfg, out / key, progress=False, overwrite=True)
     acc = evaluate_on(run.method, torch.load(episodes_file, weights_only=True))
     return {"key": key, "episodes": a.episodes, "seed": a.seed, "train_s": round(run.train_result.train_time_s),

@@ -230,3 +230,23 @@ def test_learns_held_out_classes() -> None:
     m, before, after = learn_on_nuisance("protonet", backbone="mlp", mlp_hidden=[64], embedding=32)
     assert after.mean > 70 and after.mean > before.mean + 25
     assert after.ci95 < 5
+
+
+def test_separate_passes_give_support_and_queries_their_own_batch_statistics():
+    """separate_passes (easyfsl's procedure): in training each set is normalised by its own batch-norm
+    statistics, i.e. embedded exactly as alone; in evaluation (running statistics) nothing changes."""
+    torch.manual_seed(0)
+    joint = methods.build("protonet", (1, 16, 16), hidden=8)
+    sep = methods.build("protonet", (1, 16, 16), hidden=8, separate_passes=True)
+    sep.load_state_dict(joint.state_dict())
+    sx, qx = torch.randn(2, 5, 1, 16, 16), torch.randn(2, 7, 1, 16, 16) + 1.0
+    joint.train(), sep.train()
+    zs, zq = sep.embed_tasks(sx, qx)
+    alone = joint.feature_vectors(sx.flatten(0, 1)).view(2, 5, -1)
+    assert torch.allclose(zs, alone, atol=1e-5)
+    js, _ = joint.embed_tasks(sx, qx)
+    assert not torch.allclose(js, zs, atol=1e-3)
+    sep.load_state_dict(joint.state_dict())         # the same running statistics
+    joint.eval(), sep.eval()
+    a, b = joint.embed_tasks(sx, qx), sep.embed_tasks(sx, qx)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(a, b))

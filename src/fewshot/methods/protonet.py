@@ -106,6 +106,9 @@ class ProtoNet(FeatureMethod):
         l2_penalty: float = 0.0         #: lambda of the in-loss weight penalty (0.05 in one variant)
         learn_scale: bool = False       #: learn a temperature multiplying the logits
         scale: float = 1.0              #: (initial) temperature
+        #: in training, embed the support and the queries in two forward passes (each its own batch-norm
+        #: statistics, as easyfsl's ProtoNet does) instead of one; evaluation (running statistics) is the same
+        separate_passes: bool = False
 
     def __init__(self, config: "ProtoNet.Config", in_shape):
         super().__init__(config, in_shape)
@@ -116,6 +119,13 @@ class ProtoNet(FeatureMethod):
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
+
+    def embed_tasks(self, support_x: torch.Tensor, query_x: torch.Tensor) -> tuple:
+        if not (self.config.separate_passes and self.training):
+            return super().embed_tasks(support_x, query_x)
+        B = support_x.shape[0]
+        return (self.feature_vectors(support_x.flatten(0, 1)).view(B, support_x.shape[1], -1),
+                self.feature_vectors(query_x.flatten(0, 1)).view(B, query_x.shape[1], -1))
 
     def predict_features(self, support_z, support_y, query_z, ways=None):
         ways = infer_ways(support_y, ways)
