@@ -463,27 +463,29 @@ class GradientMethod(Method):
             metrics["inequality"] = float(ineq.detach())
         return coef, metrics
 
-    def _surrogate(self, grads: Params, coef: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """A surrogate loss whose gradient is ``sum_i coef_i g_i`` and whose value is ``value``."""
+    @staticmethod
+    def _meta_gradient(grads: Params, coef: torch.Tensor) -> Params:
+        """``sum_i coef_i g_i`` for each parameter's per-task gradients ``g`` ``[B, ...]``."""
+        return {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in grads.items()}
+
+    def _surrogate(self, meta_grad: Params, value: torch.Tensor) -> torch.Tensor:
+        """A surrogate loss whose gradient is ``meta_grad`` and whose value is ``value``."""
         mod = self._module_params()
         sur = value.new_zeros(())
-        for k, g in grads.items():
-            meta_grad = torch.tensordot(coef.to(g.dtype), g, dims=1)
-            sur = sur + (mod[k] * meta_grad.to(mod[k].dtype)).sum()
+        for k, g in meta_grad.items():
+            sur = sur + (mod[k] * g.to(mod[k].dtype)).sum()
         return sur - sur.detach() + value.detach()
 
-    def _trust_region(self, episode, grads: Params, coef: torch.Tensor, value: torch.Tensor,
-                      metrics: dict) -> torch.Tensor:
+    def _trust_region(self, episode, meta_grad: Params, value: torch.Tensor, metrics: dict) -> torch.Tensor:
         """A surrogate whose gradient is minus the trust-region step of :mod:`fewshot.rl.trpo` (applied by
         :meth:`outer_optimizer`'s SGD at rate 1)."""
         from ..rl.trpo import trust_region_step
         mod = self._module_params()
-        meta_grad = {k: torch.tensordot(coef.to(g.dtype), g, dims=1) for k, g in grads.items()
-                     if mod[k].requires_grad}
         c = self.config
-        step, info = trust_region_step(self, episode, meta_grad, c.max_kl, c.cg_iters, c.exact_fisher)
+        step, info = trust_region_step(self, episode, {k: g for k, g in meta_grad.items() if mod[k].requires_grad},
+                                       c.max_kl, c.cg_iters, c.exact_fisher)
         metrics.update(info)
-        return self._surrogate({k: -v.unsqueeze(0) for k, v in step.items()}, coef.new_ones(1), value)
+        return self._surrogate({k: -v for k, v in step.items()}, value)
 
     def outer_optimizer(self, params):
         c = self.config
@@ -513,10 +515,11 @@ class GradientMethod(Method):
         coef, metrics = self.combine(grads, losses)
         self._update_running_stats(aux.get("stats", []))
         qloss = aux["loss"].mean()
+        meta_grad = self._meta_gradient(grads, coef)
         if returns is not None and self.config.outer == "trpo":
-            out = self._trust_region(episode, grads, coef, qloss, metrics)
+            out = self._trust_region(episode, meta_grad, qloss, metrics)
         else:
-            out = self._surrogate(grads, coef, qloss)
+            out = self._surrogate(meta_grad, qloss)
         metrics["query_loss"] = float(qloss)
         if returns is not None:
             metrics["return_pre"], metrics["return"] = float(returns[0].mean()), float(returns[1].mean())

@@ -83,11 +83,12 @@ def samples(env: TaskSource, traj: Trajectories, discount: float, baseline: bool
     return traj.obs.reshape(B, -1, traj.obs.shape[-1]), y.reshape(B, -1, y.shape[-1])
 
 
-def adapted(method, steps_x: torch.Tensor, steps_y: torch.Tensor, kind: str) -> Params:
-    """Per-task parameters after ``S = steps_x.shape[1]`` inner steps, step ``s`` on ``steps_x[:, s]``
-    (stacked on a leading task axis; no meta-gradient)."""
+def adapted(method, steps_x: torch.Tensor, steps_y: torch.Tensor, kind: str, params: Optional[Params] = None) -> Params:
+    """Per-task parameters after ``S = steps_x.shape[1]`` inner steps from ``params`` (default the method's
+    meta-parameters), step ``s`` on ``steps_x[:, s]`` (stacked on a leading task axis; no meta-gradient)."""
     with torch.enable_grad():
-        return method.map_tasks("adapted_params", method.meta_params(), steps_x, steps_y, kind=kind)
+        return method.map_tasks("adapted_params", method.meta_params() if params is None else params,
+                                steps_x, steps_y, kind=kind)
 
 
 def adaptation_rollouts(method, env: TaskSource, tasks: dict, steps: int, rollouts: int,

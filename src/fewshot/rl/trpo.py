@@ -21,8 +21,8 @@ policy; the trust-region part then takes about 4x as long, the whole meta-step a
 linearises the inner update without its Hessian term (``d theta' / d theta = I`` for the weights,
 ``d theta' / d alpha = (theta' - theta) / alpha`` for Meta-SGD's learned step sizes): two passes of the
 policy network per iteration. Either way the line search checks the exact objective and KL, so the trust
-region holds; only the direction and the first trial length differ. Measured on 2-D navigation: at initialisation both products agree (cosine 0.998), but after
-150 meta-steps the exact curvature along the gradient is 13x the linearised one, the linearised step
+region holds; only the direction and the first trial length differ. Measured on 2-D navigation: at
+initialisation both products agree (cosine 0.998), but after 150 meta-steps the exact curvature along the gradient is 13x the linearised one, the linearised step
 needs 7-10 backtracks (a step of 0.8^9 = 0.13 of its trial length; the exact one needed 1 on the same
 episode, 5 on average over a 500-step run), and the adapted training return after 50 meta-steps is -18.7
 against -15.1 with the exact products (BENCHMARKS.md, meta-RL).
@@ -40,6 +40,7 @@ import torch
 from torch.func import jvp, vjp, vmap
 
 from ..episodes import Episode
+from .meta import adapted
 from .pg import fisher_product, log_prob, policy_kl
 
 Params = Dict[str, torch.Tensor]
@@ -150,8 +151,7 @@ class MetaTrustRegion:
             if c.context:
                 out["context"] = ep.query_x.new_zeros(B, c.context)
             return out
-        with torch.enable_grad():
-            return self.method.map_tasks("adapted_params", params, self.sx, self.sy, kind=ep.extra["loss"])
+        return adapted(self.method, self.sx, self.sy, ep.extra["loss"], params)
 
     def objective(self, v: torch.Tensor) -> tuple:
         """``(L, mean KL)`` at the meta-parameters ``v`` (flat): re-adapted, importance-weighted."""
