@@ -27,7 +27,6 @@ windows every 10 ms, 40 mel bands, 40 coefficients (e.g. Tang & Lin 2018).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import asdict, dataclass
 from math import gcd
@@ -38,12 +37,11 @@ import numpy as np
 import torch
 
 from ..errors import FewshotError
-from .dataset import ClassDataset, cached
-from .folder import _class_folders
+from .dataset import ClassDataset
+from .folder import cached_files, class_files, files_digest, scan_files
 from .images import Preprocess
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")
-CACHE_SUBDIR = ".fewshot-cache"
 
 
 def is_audio_file(name: str) -> bool:
@@ -209,20 +207,6 @@ def load_clips(paths: Sequence[str | os.PathLike], feat: AudioFeatures) -> torch
 
 
 # -------------------------------------------------------------------- folders
-def _scan(folder: Path) -> list:
-    out = []
-    for p in sorted(folder.iterdir(), key=lambda p: p.name):
-        if p.name.startswith(".") or not is_audio_file(p.name):
-            continue
-        try:
-            if p.is_file():
-                st = p.stat()
-                out.append((p, st.st_size, st.st_mtime_ns))
-        except OSError:
-            continue
-    return out
-
-
 def list_clips(path: str | os.PathLike) -> list:
     """The clips for ``path``: a folder -> its visible audio files (sorted, not recursive); a file -> [file]."""
     path = Path(path)
@@ -230,7 +214,7 @@ def list_clips(path: str | os.PathLike) -> list:
         return [path]
     if not path.is_dir():
         raise FewshotError(f"no such file or folder: {path}")
-    files = [p for p, _, _ in _scan(path)]
+    files = [p for p, _, _ in scan_files(path, is_audio_file)]
     if not files:
         raise FewshotError(f"no audio clips ({', '.join(AUDIO_EXTENSIONS)}) in folder {path}")
     return files
@@ -266,15 +250,7 @@ def audio_folder(root: str | os.PathLike, features: AudioFeatures | dict | None 
         raise FewshotError(f"no such folder: {root}" if not root.exists() else
                            f"not a folder: {root} (expected one subfolder of audio clips per class)")
     _soundfile()
-    folders = _class_folders(root)
-    if not folders:
-        raise FewshotError(f"no class subfolders in {root}")
-    classes = []
-    for d in folders:
-        files = _scan(d)
-        if not files:
-            raise FewshotError(f"class folder {d} has no audio clips ({', '.join(AUDIO_EXTENSIONS)})")
-        classes.append((d.name, files))
+    classes = class_files(root, is_audio_file, f"audio clips ({', '.join(AUDIO_EXTENSIONS)})")
     pre = feat.preprocess()
 
     def build() -> ClassDataset:
@@ -282,14 +258,5 @@ def audio_folder(root: str | os.PathLike, features: AudioFeatures | dict | None 
         return ClassDataset.from_class_tensors(maps, [n for n, _ in classes], None, pre,
                                                source=f"audio folder {root}")
 
-    h = hashlib.sha256()
-    for _, files in classes:
-        for p, size, mtime in files:
-            h.update(f"{p.relative_to(root).as_posix()}\0{size}\0{mtime}\n".encode())
-    if cache in (None, True):
-        try:  # create the cache folder before fingerprinting root (its mtime is part of the key)
-            (root / CACHE_SUBDIR).mkdir(exist_ok=True)
-        except OSError:
-            pass
-    params = {"audio": feat.to_dict(), "files": h.hexdigest()}
-    return cached([root], params, build, tag="audio", cache=cache)
+    params = {"audio": feat.to_dict(), "files": files_digest(classes, root)}
+    return cached_files(root, [root], params, build, "audio", cache)

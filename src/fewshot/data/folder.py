@@ -27,20 +27,21 @@ def _visible(name: str) -> bool:
     return not name.startswith(".")
 
 
-def _scan_images(folder: Path) -> list[tuple[Path, int, int]]:
-    """Visible image files directly in ``folder``, sorted by name, as ``(path, size, mtime_ns)``."""
+def scan_files(folder: Path, accept=is_image_file) -> list[tuple[Path, int, int]]:
+    """Visible files directly in ``folder`` whose name ``accept`` takes (default: image files), sorted by
+    name, as ``(path, size, mtime_ns)``."""
     out = []
     try:
         with os.scandir(folder) as it:
             for e in it:
-                if not _visible(e.name) or not is_image_file(e.name):
+                if not _visible(e.name) or not accept(e.name):
                     continue
                 try:
                     if not e.is_file():
                         continue
                     st = e.stat()
                 except OSError:
-                    continue  # a dangling link: not an image we can read
+                    continue  # a dangling link: not a file we can read
                 out.append((Path(e.path), st.st_size, st.st_mtime_ns))
     except PermissionError:
         raise FewshotError(f"cannot list folder {folder}: permission denied") from None
@@ -57,14 +58,50 @@ def _class_folders(root: Path) -> list[Path]:
     return sorted(subs, key=lambda p: p.name)
 
 
-def _files_digest(root: Path, classes: Sequence[tuple[str, list[tuple[Path, int, int]]]]) -> str:
-    """A digest of every (relative path, size, mtime) so that any added, removed or changed file
-    invalidates the cache (folder mtimes alone miss edits inside class folders)."""
+def class_files(root: Path, accept=is_image_file, what: str = "images") -> list[tuple[str, list]]:
+    """``[(class, [(path, size, mtime_ns)])]`` of a class-per-subfolder data set: each visible subfolder of
+    ``root`` (sorted) with its files that ``accept`` takes.
+
+    Raises:
+        FewshotError: ``root`` has no class subfolders (saying so when such files lie loose in it) or a class
+            folder has none of them (``what`` names them in the message).
+    """
+    folders = _class_folders(root)
+    if not folders:
+        loose = len(scan_files(root, accept))
+        hint = f" ({loose} {what} lie directly in it; move each class into its own subfolder)" if loose else ""
+        raise FewshotError(f"no class subfolders in {root}{hint}")
+    classes = []
+    for d in folders:
+        files = scan_files(d, accept)
+        if not files:
+            raise FewshotError(f"class folder {d} has no {what}")
+        classes.append((d.name, files))
+    return classes
+
+
+def files_digest(classes: Sequence[tuple[str, list[tuple[Path, int, int]]]], root: Path | None = None) -> str:
+    """A digest of every (class, path, size, mtime) so that any relabelled, added, removed or changed file
+    invalidates a cache (folder mtimes alone miss edits inside class folders). Paths are taken relative to
+    ``root`` when given (a folder that moves keeps its cache), else absolute."""
     h = hashlib.sha256()
     for name, files in classes:
         for path, size, mtime in files:
-            h.update(f"{path.relative_to(root).as_posix()}\0{size}\0{mtime}\n".encode())
+            where = path.relative_to(root).as_posix() if root is not None else path.resolve().as_posix()
+            h.update(f"{name}\0{where}\0{size}\0{mtime}\n".encode())
     return h.hexdigest()
+
+
+def cached_files(root: Path, sources: Sequence[Path], params: dict, build, tag: str, cache) -> ClassDataset:
+    """:func:`fewshot.data.dataset.cached` for a data set read from files under ``root``, with the cache
+    folder inside ``root`` created first (``root``'s mtime is part of the key: creating the folder after the
+    key was computed would change it and miss the cache on the next run)."""
+    if cache in (None, True):
+        try:
+            (root / CACHE_SUBDIR).mkdir(exist_ok=True)
+        except OSError:
+            pass  # read-only data: cached() falls back to the user cache folder
+    return cached(list(sources), params, build, tag=tag, cache=cache)
 
 
 def image_folder(root: str | os.PathLike, size: int | Sequence[int] = 28, channels: int = 1,
@@ -91,32 +128,15 @@ def image_folder(root: str | os.PathLike, size: int | Sequence[int] = 28, channe
         raise FewshotError(f"channels must be 1 or 3, got {channels}")
     pre = Preprocess(size=as_size(size), channels=int(channels), invert=bool(invert))
 
-    folders = _class_folders(root)
-    if not folders:
-        loose = len(_scan_images(root))
-        hint = f" ({loose} images lie directly in it; move each class into its own subfolder)" if loose else ""
-        raise FewshotError(f"no class subfolders in {root}{hint}")
-    classes = []
-    for d in folders:
-        files = _scan_images(d)
-        if not files:
-            raise FewshotError(f"class folder {d} has no images")
-        classes.append((d.name, files))
+    classes = class_files(root)
 
     def build() -> ClassDataset:
         images = [load_files([p for p, _, _ in files], pre) for _, files in classes]
         return ClassDataset.from_class_tensors(images, [n for n, _ in classes], None, pre,
                                                source=f"image folder {root}")
 
-    if cache in (None, True):
-        # The cache key includes the root folder's mtime; creating the cache folder inside root after the
-        # key was computed would change it and miss the cache on the next run, so create it first.
-        try:
-            (root / CACHE_SUBDIR).mkdir(exist_ok=True)
-        except OSError:
-            pass  # read-only data: cached() falls back to the user cache folder
-    params = {"pre": pre.to_dict(), "files": _files_digest(root, classes)}
-    return cached([root], params, build, tag="folder", cache=cache)
+    params = {"pre": pre.to_dict(), "files": files_digest(classes, root)}
+    return cached_files(root, [root], params, build, "folder", cache)
 
 
 def list_images(path: str | os.PathLike) -> list[Path]:
@@ -129,7 +149,7 @@ def list_images(path: str | os.PathLike) -> list[Path]:
         raise FewshotError(f"no such file or folder: {path}")
     if not path.is_dir():
         raise FewshotError(f"not a file or folder: {path}")
-    files = [p for p, _, _ in _scan_images(path)]
+    files = [p for p, _, _ in scan_files(path)]
     if not files:
         raise FewshotError(f"no images in folder {path}")
     return files

@@ -19,7 +19,6 @@ the mini-ImageNet CSV layout too.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import re
 from pathlib import Path
@@ -28,8 +27,8 @@ from typing import Optional, Sequence
 import torch
 
 from ..errors import FewshotError
-from .dataset import ClassDataset, cached
-from .folder import CACHE_SUBDIR, _scan_images
+from .dataset import ClassDataset
+from .folder import cached_files, files_digest, scan_files
 from .images import Preprocess, as_size, is_image_file, load_image
 
 
@@ -125,7 +124,7 @@ def pattern_classes(root: Path, pattern: str) -> list:
             match (saying how many and naming the first).
     """
     rx = compile_pattern(pattern)
-    files = _scan_images(root)
+    files = scan_files(root)
     if not files:
         raise FewshotError(f"no images directly in {root} to label with --label-pattern")
     by, unmatched = {}, []
@@ -208,20 +207,6 @@ def labeled_folder(root: str | os.PathLike, labels: str | os.PathLike | None = N
         return decode_classes([(n, [p for p, _, _ in files]) for n, files in classes], pre,
                               source=f"image folder {described}")
 
-    if cache in (None, True):
-        try:   # created before the key is computed: the root folder's mtime is part of it
-            (root / CACHE_SUBDIR).mkdir(exist_ok=True)
-        except OSError:
-            pass
-    params = {"pre": pre.to_dict(), "files": _files_digest(classes), "pattern": pattern}
-    return cached(sources, params, build, tag="labeled", cache=cache)
+    params = {"pre": pre.to_dict(), "files": files_digest(classes), "pattern": pattern}
+    return cached_files(root, sources, params, build, "labeled", cache)
 
-
-def _files_digest(classes: Sequence[tuple]) -> str:
-    """A digest of every (class, file, size, mtime): any relabelled, added, removed or changed image
-    invalidates the cache (files may lie anywhere a sheet points, so paths are absolute)."""
-    h = hashlib.sha256()
-    for name, files in classes:
-        for path, size, mtime in files:
-            h.update(f"{name}\0{path.resolve().as_posix()}\0{size}\0{mtime}\n".encode())
-    return h.hexdigest()
