@@ -9,7 +9,8 @@ Builds two small image folders of the kind users bring (tens of classes x 10 ima
 
 written as ``<out>/data/<set>/<class>/<image>`` (one folder per class). Then for every metric method it
 trains ``fewshot.fit(RunConfig(method=M, data=FOLDER))`` with the defaults (the method's own settings and
-the library's; only the training budget is set: --minutes of training time), one method at a time, and
+the library's; only the training budget is set: --minutes of training time, or with --minutes 0 nothing at
+all, the defaults' own number of episodes), one method at a time, and
 evaluates --ways-way 1-shot on the held-out classes of the default split (a seeded 80-20 class split:
 unseen classes), --episodes episodes with every query the classes have left, beside the raw-pixel 1-NN
 baseline that every evaluation scores on the same episodes. A method "beats" the baseline when the two
@@ -95,8 +96,9 @@ def run_row(a, set_name: str, folder: Path, method: str) -> dict:
     cfg = fs.RunConfig(method=method, data=str(folder))      # the defaults: nothing else is set but --set
     for key, value in a.set.items():
         setattr(cfg, key, value)
-    cfg.train.episodes = 10 ** 7                             # the training-time budget ends the run
-    cfg.train.time_limit_s = a.minutes * 60
+    if a.minutes:                                            # a training-time budget ends the run
+        cfg.train.episodes = 10 ** 7
+        cfg.train.time_limit_s = a.minutes * 60
     out = Path(a.out) / "runs" / f"{set_name}-{method}{a.label}"
     if out.exists():
         shutil.rmtree(out)
@@ -140,7 +142,8 @@ def main() -> None:
     ap.add_argument("--classes", type=int, default=40)
     ap.add_argument("--per-class", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0, help="which classes and images make the small sets")
-    ap.add_argument("--minutes", type=float, default=2.0, help="training time per method")
+    ap.add_argument("--minutes", type=float, default=2.0,
+                    help="training time per method; 0: the defaults' own length (their episodes, no time limit)")
     ap.add_argument("--ways", type=int, default=8)
     ap.add_argument("--episodes", type=int, default=600)
     ap.add_argument("--finetune-steps", type=int, default=0, help="also evaluate with test-time fine-tuning")
@@ -182,17 +185,18 @@ def main() -> None:
         for m in names:
             r = done[(s, m, a.label.lstrip("-") or "defaults")]
             if "error" in r:
-                rows.append([s, m, "-", "-", "-", "-", "-", f"error: {r['error']}", "-"])
+                rows.append([s, m, "-", "-", "-", "-", "-", "-", f"error: {r['error']}", "-"])
                 continue
-            cells = [s, m, "x".join(map(str, r["size"])), f"{r['train_ways']}w{r['train_shots']}s", r["steps"],
+            cells = [s, m, "x".join(map(str, r["size"])), f"{r['train_ways']}w{r['train_shots']}s", r["steps"], f"{r['train_s'] / 60:.1f}",
                      f"{r['acc']:.2f} ± {r['ci95']:.2f}", f"{r['baseline']:.2f} ± {r['baseline_ci95']:.2f}",
                      verdict(r)]
             cells.append(f"{r['ft_acc']:.2f} ± {r['ft_ci95']:.2f} ({verdict(r, 'ft_acc', 'ft_ci95')})"
                          if "ft_acc" in r else "-")
             rows.append(cells)
-    print(f"\n{a.ways}-way 1-shot on unseen classes, {a.episodes} episodes, {a.minutes:g} min of training each "
+    budget = f"{a.minutes:g} min of training each" if a.minutes else "the defaults' own training length"
+    print(f"\n{a.ways}-way 1-shot on unseen classes, {a.episodes} episodes, {budget} "
           f"({a.classes} classes x {a.per_class} images per set, seed {a.seed})")
-    print(table(rows, ["set", "method", "size", "train episodes", "steps", "accuracy %", "pixel 1-NN %",
+    print(table(rows, ["set", "method", "size", "train episodes", "steps", "train min", "accuracy %", "pixel 1-NN %",
                        "beats 1-NN", "fine-tuned %"]))
 
 
