@@ -3,7 +3,9 @@ arm distributions, MAML-RL against the classical policies computed exactly (Gitt
 sampling, UCB1, greedy, random) on the same tasks, the best of them printed beside.
 
 The policy is an MLP on the episode's sufficient statistics (each arm's successes and failures and the
-pull number, over n), so it can learn within an episode as the classical policies do; MAML meta-trains it
+pull number, over n, and each arm's posterior mean and count-based uncertainty: see
+:class:`fewshot.rl.envs.BernoulliBandit`), so it can learn within an episode as the classical policies do;
+MAML meta-trains it
 (and its adaptation across episodes: one policy-gradient step on ``--shots`` episodes of the task, then a
 fresh episode). Reported: the return of the meta-trained policy before adaptation (a learned bandit
 algorithm, RL^2-like) and after one step. Rows train for ``--minutes`` each (or exactly ``--steps``

@@ -5,8 +5,8 @@ paper, an oracle *policy*: the same network given the goal as input (``navigatio
 goals by the same outer step.
 
 Every learned row trains with ``recipes/maml_navigation.yaml``'s settings (the ``-trpo`` rows with
-``recipes/maml_navigation_trpo.yaml``'s trust-region outer step; the ``-2step`` rows meta-trained for two
-inner steps, each on fresh rollouts of the policy the step before left) for the same wall-clock budget
+``recipes/maml_navigation_trpo.yaml``'s trust-region outer step, the ``-2step`` rows with
+``recipes/maml_navigation_2step.yaml``'s two inner steps) for the same wall-clock budget
 (``--minutes``), or the same number of meta-steps (``--steps``), in its own process (``--jobs`` at a time,
 ``--threads`` each), then adapts on the same 100 held-out goals (seed 2 000 003, 20 rollouts per step) with
 fresh rollouts after every step. Rows append to ``--results`` (JSON lines) as they finish; a rerun skips rows
@@ -27,15 +27,14 @@ from common import (ROOT, add_budget_options, add_row_options, budget_args, driv
 STEPS = (0, 1, 2, 3)
 PRETRAINED = {"inner_steps": 0, "test_steps": 1}
 ORACLE = {"inner_steps": 0}
-TWO_STEPS = {"inner_steps": 2}
-ADAM, TRPO = "maml_navigation", "maml_navigation_trpo"
+ADAM, TRPO, TWO = "maml_navigation", "maml_navigation_trpo", "maml_navigation_2step"
 ROWS = {   # key: (label, method, options, recipe, data (None: the recipe's))
     "maml": ("MAML (second order)", "maml", {}, ADAM, None),
     "metasgd": ("Meta-SGD", "metasgd", {}, ADAM, None),
     "pretrained": ("pretrained on all goals, fine-tuned", "maml", PRETRAINED, ADAM, None),
     # meta-trained for two inner steps (each on fresh rollouts), tested after 0-3 as every row
-    "maml-2step": ("MAML (second order), meta-trained for 2 steps", "maml", TWO_STEPS, ADAM, None),
-    "metasgd-2step": ("Meta-SGD, meta-trained for 2 steps", "metasgd", TWO_STEPS, ADAM, None),
+    "maml-2step": ("MAML (second order), meta-trained for 2 steps", "maml", {}, TWO, None),
+    "metasgd-2step": ("Meta-SGD, meta-trained for 2 steps", "metasgd", {}, TWO, None),
     # the same rows with the trust-region outer step (fewshot.rl.trpo) instead of Adam
     "maml-trpo": ("MAML (second order), TRPO outer step", "maml", {}, TRPO, None),
     "metasgd-trpo": ("Meta-SGD, TRPO outer step", "metasgd", {}, TRPO, None),

@@ -8,8 +8,9 @@ there is no Python loop per environment step per task.
 - :class:`BernoulliBandit` (``bandit:k=5,n=100``): ``k`` arms with success probabilities ``p ~ U(0, 1)``
   per task, ``n`` pulls per episode (the RL^2 / pytorch-maml-rl setting). The observation is what the
   episode has shown so far, its sufficient statistics: each arm's successes and failures and the pull
-  number, all divided by ``n`` (so a policy can learn within the episode, as the classical bandit policies
-  do); the action is an arm index; the reward is a Bernoulli(p_arm) draw.
+  number, all divided by ``n``, and each arm's posterior mean and a count-based uncertainty (so a policy
+  can learn within the episode, as the classical bandit policies do); the action is an arm index; the
+  reward is a Bernoulli(p_arm) draw.
 - :class:`Navigation2D` (``navigation2d``): the MAML paper's point robot. Goal ``~ U[-0.5, 0.5]^2``, start
   at the origin, action = velocity clipped to ``[-0.1, 0.1]`` per coordinate, reward ``-||x' - goal||``
   after the move, at most 100 steps; an episode ends once the robot is within 0.01 (Euclidean) of the
@@ -92,7 +93,13 @@ class TaskSource(abc.ABC):
 
 
 class BernoulliBandit(TaskSource):
-    """``k``-armed Bernoulli bandit, ``n`` pulls per episode, arm probabilities ``U(0, 1)`` per task."""
+    """``k``-armed Bernoulli bandit, ``n`` pulls per episode, arm probabilities ``U(0, 1)`` per task.
+
+    The observation is the sufficient statistic of the episode so far, in the forms the classical index
+    policies read: each arm's successes and failures and the pull number over ``n``, then each arm's
+    posterior mean under the uniform prior, ``(s + 1) / (s + f + 2)``, and its uncertainty
+    ``1 / sqrt(s + f + 1)`` (``4k + 1`` values). Greedy, UCB-like and Thompson-like rules are then simple
+    functions of the input rather than ratios a ReLU network has to learn to divide out."""
 
     name = "bandit"
 
@@ -103,14 +110,15 @@ class BernoulliBandit(TaskSource):
             raise FewshotError(f"a bandit episode needs at least 1 pull, got n={n}")
         self.k, self.n = int(k), int(n)
         self.n_actions, self.horizon = self.k, self.n
-        self.obs_dim = 2 * self.k + 1
+        self.obs_dim = 4 * self.k + 1
 
     def sample_tasks(self, n: int, generator: torch.Generator) -> Tasks:
         return {"p": torch.rand(n, self.k, generator=generator, device=generator.device)}
 
     def _obs(self, s: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-        t = (s + f).sum(-1, keepdim=True)
-        return torch.cat([s, f, t], -1) / self.n
+        pulls = s + f
+        t = pulls.sum(-1, keepdim=True)
+        return torch.cat([s / self.n, f / self.n, t / self.n, (s + 1) / (pulls + 2), (pulls + 1).rsqrt()], -1)
 
     def reset(self, tasks: Tasks, rollouts: int, generator: Optional[torch.Generator] = None) -> tuple:
         p = tasks["p"]
