@@ -41,13 +41,13 @@ def run_row(key: str, a) -> dict:
     cfg = fs.RunConfig(method="maml", data=f"bandit:k={k},n=100", shots=10, queries=10, batch=10, seed=0,
                        options={"backbone": "mlp", "mlp_hidden": [64, 64], "bn": "none", "inner_lr": 0.1,
                                 "discount": 1.0, **(TRPO if trpo else {})})
-    cfg.train.lr, cfg.train.schedule, cfg.train.val_every, cfg.train.ckpt_every = 3e-3, "none", 0, 50
+    cfg.train.lr, cfg.train.schedule, cfg.train.val_every, cfg.train.ckpt_every = a.lr, "none", 0, 50
     set_budget(cfg.train, a, 10 ** 6)
     cfg.val_shots = cfg.val_queries = cfg.test_shots = cfg.test_queries = 10
     run = fs.fit(cfg, Path(a.out) / key, progress=False, overwrite=True)
     fam = tasks.make(cfg.data, 10, 10, seed=FAMILY_SEEDS["test"])
     ret = evaluate_adaptation(run.method, fam, a.tasks, (0, 1), rollouts=10)
-    row = {"key": key, "arms": k, "outer": "trpo" if trpo else "adam", "steps": run.train_result.steps,
+    row = {"key": key, "arms": k, "outer": "trpo" if trpo else "adam", "lr": a.lr, "steps": run.train_result.steps,
            "train_s": round(run.train_result.train_time_s),
            "maml": {str(s): v for s, v in ret.items()}}
     print(json.dumps(row), flush=True)
@@ -71,16 +71,17 @@ def main() -> None:
     ap.add_argument("--arms", default="5,10")
     ap.add_argument("--outer", default="gradient", choices=("gradient", "trpo"))
     ap.add_argument("--tasks", type=int, default=1000)
+    ap.add_argument("--lr", type=float, default=3e-3, help="outer Adam rate (with --outer gradient)")
     add_row_options(ap, out="/tmp/fewshot-rl-bandits")
     a = ap.parse_args()
     keys = [row_key(int(k), a.outer) for k in a.arms.split(",")]
-    driven = drive_rows(__file__, a, keys, run_row, [*budget_args(a), "--tasks", str(a.tasks)])
+    driven = drive_rows(__file__, a, keys, run_row, [*budget_args(a), "--tasks", str(a.tasks), "--lr", str(a.lr)])
     if driven is None:
         return
     results, failed = driven
     for r in results.latest(keys):
         res = classical(r["arms"], a.tasks)
-        outer = ", TRPO outer step" if r.get("outer") == "trpo" else ""
+        outer = ", TRPO outer step" if r.get("outer") == "trpo" else f", Adam {r.get('lr', 3e-3):g}"
         rows = [[f"MAML-RL policy{outer}, before adaptation ({r['steps']} meta-steps in {r['train_s'] / 60:.1f} min)",
                  "%.2f ± %.2f" % tuple(r["maml"]["0"])],
                 ["MAML-RL policy, after one step on 10 episodes", "%.2f ± %.2f" % tuple(r["maml"]["1"])]]
