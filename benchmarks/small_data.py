@@ -187,8 +187,8 @@ def main() -> None:
             if "error" in r:
                 rows.append([s, m, "-", "-", "-", "-", "-", "-", f"error: {r['error']}", "-"])
                 continue
-            cells = [s, m, "x".join(map(str, r["size"])), f"{r['train_ways']}w{r['train_shots']}s", r["steps"], f"{r['train_s'] / 60:.1f}",
-                     f"{r['acc']:.2f} ± {r['ci95']:.2f}", f"{r['baseline']:.2f} ± {r['baseline_ci95']:.2f}",
+            cells = [s, m, "x".join(map(str, r["size"])), f"{r['train_ways']}w{r['train_shots']}s", r["steps"],
+                     f"{r['train_s'] / 60:.1f}", f"{r['acc']:.2f} ± {r['ci95']:.2f}", f"{r['baseline']:.2f} ± {r['baseline_ci95']:.2f}",
                      verdict(r)]
             cells.append(f"{r['ft_acc']:.2f} ± {r['ft_ci95']:.2f} ({verdict(r, 'ft_acc', 'ft_ci95')})"
                          if "ft_acc" in r else "-")
@@ -196,8 +196,8 @@ def main() -> None:
     budget = f"{a.minutes:g} min of training each" if a.minutes else "the defaults' own training length"
     print(f"\n{a.ways}-way 1-shot on unseen classes, {a.episodes} episodes, {budget} "
           f"({a.classes} classes x {a.per_class} images per set, seed {a.seed})")
-    print(table(rows, ["set", "method", "size", "train episodes", "steps", "train min", "accuracy %", "pixel 1-NN %",
-                       "beats 1-NN", "fine-tuned %"]))
+    print(table(rows, ["set", "method", "size", "train episodes", "steps", "train min", "accuracy %",
+                       "pixel 1-NN %", "beats 1-NN", "fine-tuned %"]))
 
 
 if __name__ == "__main__":
