@@ -188,8 +188,8 @@ def main() -> None:
                 rows.append([s, m, "-", "-", "-", "-", "-", "-", f"error: {r['error']}", "-"])
                 continue
             cells = [s, m, "x".join(map(str, r["size"])), f"{r['train_ways']}w{r['train_shots']}s", r["steps"],
-                     f"{r['train_s'] / 60:.1f}", f"{r['acc']:.2f} ± {r['ci95']:.2f}", f"{r['baseline']:.2f} ± {r['baseline_ci95']:.2f}",
-                     verdict(r)]
+                     f"{r['train_s'] / 60:.1f}", f"{r['acc']:.2f} ± {r['ci95']:.2f}",
+                     f"{r['baseline']:.2f} ± {r['baseline_ci95']:.2f}", verdict(r)]
             cells.append(f"{r['ft_acc']:.2f} ± {r['ft_ci95']:.2f} ({verdict(r, 'ft_acc', 'ft_ci95')})"
                          if "ft_acc" in r else "-")
             rows.append(cells)
