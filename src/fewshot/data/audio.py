@@ -38,7 +38,7 @@ import torch
 
 from ..errors import FewshotError
 from .dataset import ClassDataset
-from .folder import cached_files, class_files, files_digest, scan_files
+from .folder import cached_files, class_files, files_digest, list_files
 from .images import Preprocess
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".oga", ".aiff", ".aif", ".mp3")
@@ -209,15 +209,7 @@ def load_clips(paths: Sequence[str | os.PathLike], feat: AudioFeatures) -> torch
 # -------------------------------------------------------------------- folders
 def list_clips(path: str | os.PathLike) -> list:
     """The clips for ``path``: a folder -> its visible audio files (sorted, not recursive); a file -> [file]."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise FewshotError(f"no such file or folder: {path}")
-    files = [p for p, _, _ in scan_files(path, is_audio_file)]
-    if not files:
-        raise FewshotError(f"no audio clips ({', '.join(AUDIO_EXTENSIONS)}) in folder {path}")
-    return files
+    return list_files(path, is_audio_file, f"audio clips ({', '.join(AUDIO_EXTENSIONS)})")
 
 
 def is_audio_folder(root: Path) -> bool:

@@ -139,9 +139,9 @@ def image_folder(root: str | os.PathLike, size: int | Sequence[int] = 28, channe
     return cached_files(root, [root], params, build, "folder", cache)
 
 
-def list_images(path: str | os.PathLike) -> list[Path]:
-    """The image files to use for ``path``: a folder -> its visible image files (sorted, not recursive);
-    a single file -> ``[file]``."""
+def list_files(path: str | os.PathLike, accept=is_image_file, what: str = "images") -> list[Path]:
+    """The files to use for ``path``: a folder -> its visible files that ``accept`` takes (sorted, not
+    recursive); a single file -> ``[file]``. ``what`` names them in the error for a folder without any."""
     path = Path(path)
     if path.is_file():
         return [path]
@@ -149,10 +149,15 @@ def list_images(path: str | os.PathLike) -> list[Path]:
         raise FewshotError(f"no such file or folder: {path}")
     if not path.is_dir():
         raise FewshotError(f"not a file or folder: {path}")
-    files = [p for p, _, _ in scan_files(path)]
+    files = [p for p, _, _ in scan_files(path, accept)]
     if not files:
-        raise FewshotError(f"no images in folder {path}")
+        raise FewshotError(f"no {what} in folder {path}")
     return files
+
+
+def list_images(path: str | os.PathLike) -> list[Path]:
+    """The image files to use for ``path`` (:func:`list_files` of image files)."""
+    return list_files(path)
 
 
 def load_files(paths: Sequence[str | os.PathLike], preprocess: Preprocess) -> torch.Tensor:
