@@ -22,10 +22,11 @@ linearises the inner update without its Hessian term (``d theta' / d theta = I``
 ``d theta' / d alpha = (theta' - theta) / alpha`` for Meta-SGD's learned step sizes): two passes of the
 policy network per iteration. Either way the line search checks the exact objective and KL, so the trust
 region holds; only the direction and the first trial length differ. Measured on 2-D navigation: at
-initialisation both products agree (cosine 0.998), but after 150 meta-steps the exact curvature along the gradient is 13x the linearised one, the linearised step
-needs 7-10 backtracks (a step of 0.8^9 = 0.13 of its trial length; the exact one needed 1 on the same
-episode, 5 on average over a 500-step run), and the adapted training return after 50 meta-steps is -18.7
-against -15.1 with the exact products (BENCHMARKS.md, meta-RL).
+initialisation both products agree (cosine 0.998), but after 150 meta-steps the exact curvature along the
+gradient is 13x the linearised one, the linearised step needs 7-10 backtracks (a step of 0.8^9 = 0.13 of
+its trial length; the exact one needed 1 on the same episode, 5 on average over a 500-step run), and the
+adapted training return after 50 meta-steps is -18.7 against -15.1 with the exact products (BENCHMARKS.md,
+meta-RL).
 
 The method returns ``-Delta`` as its loss's gradient, and its optimiser is plain SGD at rate 1
 (:meth:`fewshot.methods.base.Method.outer_optimizer`), so the trainer, its checkpoints and exact resume
