@@ -44,9 +44,28 @@ class _NormPool(torch.autograd.Function):
         c = dmean / n - a * mean
         dx = torch.addcmul(c.view(1, -1, 1, 1), x, a.view(1, -1, 1, 1))
         dpool = dz * scale.view(1, -1, 1, 1)
-        N, C, H, W = x.shape
-        dx.view(N, C, H * W).scatter_add_(2, idx.flatten(2), dpool.flatten(2))
+        _add_at_argmax(dx, idx, dpool)
         return dx, dweight, dbias, None
+
+
+def _add_at_argmax(dx: torch.Tensor, idx: torch.Tensor, dpool: torch.Tensor) -> None:
+    """``dx[n, c].view(-1)[idx[n, c]] += dpool[n, c]`` for max-pool indices ``idx`` (positions in each
+    ``H x W`` plane), in place.
+
+    On a channels-last ``dx`` a plane's elements lie ``C`` apart in memory, and ``scatter_add_`` along the
+    plane is slow (1.8x the time of the flat sum below on a 60-way Omniglot episode's first feature map on an
+    AMD EPYC); there the sum goes through one flat view of the memory instead, at offsets
+    ``n * sN + c * sC + idx * sW`` (rows of ``W`` elements ``sW`` apart follow each other)."""
+    N, C, H, W = dx.shape
+    if dx.is_contiguous() or not dx.is_contiguous(memory_format=torch.channels_last):
+        dx.view(N, C, H * W).scatter_add_(2, idx.flatten(2), dpool.flatten(2))
+        return
+    sn, sc, _, sw = dx.stride()
+    base = (torch.arange(N, device=idx.device) * sn).view(N, 1, 1, 1) \
+        + (torch.arange(C, device=idx.device) * sc).view(1, C, 1, 1)
+    at = torch.addcmul(base, idx, torch.tensor(sw, device=idx.device))
+    mem = dx.permute(0, 2, 3, 1).view(-1)                                   # dx's memory, in order
+    mem.put_(at.permute(0, 2, 3, 1).reshape(-1), dpool.permute(0, 2, 3, 1).reshape(-1), accumulate=True)
 
 
 def norm_pool(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float):
