@@ -46,6 +46,7 @@ from .methods.base import Method
 from .precision import autocast
 from .tasks.base import TaskFamily
 from .finetune import find_finetune
+from .parallel import tune_allocator
 from .tta import TestTimeAugment
 
 EVAL_BATCH = 25
@@ -244,6 +245,8 @@ def evaluate(method, sampler: EpisodeSampler, episodes: int = DEFAULT_EPISODES, 
         tuned.reset()
     baseline = baseline and not (regression or own_metric or isinstance(sampler, TaskFamily))
     device = sampler.device
+    if device.type == "cpu":
+        tune_allocator()
     accs: List[float] = []
     pixel: List[float] = []
     losses: List[float] = []

@@ -40,6 +40,7 @@ from .errors import FewshotError
 from .evaluate import evaluate
 from .explicit import tracks_explicit
 from .models import set_channels_last
+from .parallel import tune_allocator
 from .precision import autocast, grad_scaler
 
 SCHEDULES = ("step", "plateau", "linear", "none")
@@ -305,6 +306,8 @@ def train(method, sampler: EpisodeSampler, config: TrainConfig, out: str | Path,
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     device = sampler.device
+    if device.type == "cpu":
+        tune_allocator()        # large temporaries reused, not page-faulted in again every step
     method.to(device)
     set_channels_last(method, config.channels_last)
     opt = make_optimizer(method, config, method.outer_optimizer)
