@@ -67,16 +67,18 @@ def table(rows: list, headers: list) -> str:
     return "\n".join([line, sep, *body])
 
 
-def peer_protonet_train_speed(episodes: int = 200) -> float | None:
+def peer_protonet_train_speed(episodes: int = 200, env: dict | None = None) -> float | None:
     """easyfsl's training speed (episodes/s) from ../shared/anchors/anchor_protonet_easyfsl.py.
 
     The anchor prints ``ep N loss L Ts`` every 200 training episodes and evaluates 4 000 test episodes
     afterwards; only its training speed is needed here, so the run is stopped at the first progress line.
+    ``env``: extra environment variables for the peer's process (the allocator control).
     """
     if not PEERS_PYTHON.exists() or not (ANCHORS / "anchor_protonet_easyfsl.py").exists():
         return None
     p = subprocess.Popen([str(PEERS_PYTHON), "anchor_protonet_easyfsl.py", str(episodes)], cwd=ANCHORS,
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                         env=dict(os.environ, **(env or {})))
     try:
         for line in p.stdout:
             parts = line.split()

@@ -4,11 +4,15 @@ Measures, in one process and one run: the episode sampler alone, our training st
 layout / precision, and (when ../shared/anchors' peer venv exists) easyfsl 1.5.0's PrototypicalNetworks
 on the same Conv-4 and episode shape, so the speed claim is a ratio from the same machine and run.
 
+Ours runs in this process after :func:`fewshot.parallel.tune_allocator`, as ``fewshot train`` on a CPU does;
+the peer runs as users run it and, as a control, with the same glibc ``malloc`` settings
+(``fewshot.parallel.MALLOC_ENV``; ``--no-control`` skips it).
+
 ``--isa avx2`` runs the whole measurement, the peer included, with ATen, oneDNN and MKL held to AVX2
 (``common.ISA_ENV``): an AVX2-only CPU's code paths on a newer part.
 
 usage: python benchmarks/protonet_speed.py [--steps 40] [--peer-episodes 200] [--isa native|avx2] [--no-peer]
-       [--precisions fp32,bf16] [--repeats 1]
+       [--precisions fp32,bf16] [--repeats 1] [--no-control]
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from common import ISA_ENV, OMNIGLOT, TEST_ALPHABETS, machine, peer_protonet_tra
 
 import fewshot as fs
 from fewshot.models import set_channels_last
+from fewshot.parallel import MALLOC_ENV, tune_allocator
 from fewshot.precision import autocast, resolve_channels_last, resolve_precision
 
 
@@ -62,16 +67,18 @@ def main() -> None:
     ap.add_argument("--isa", choices=list(ISA_ENV), default="native",
                     help="instruction set ATen/oneDNN/MKL may use, for every process of the run (peer included)")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--no-control", action="store_true", help="skip easyfsl under fewshot's malloc settings")
     ap.add_argument("--repeats", type=int, default=1,
                     help="rounds of the peer and every configuration, in turn (medians; ratios within a round)")
     ap.add_argument("--precisions", default="fp32,bf16",
                     help="precisions to time (bf16 without bf16 units takes minutes a step: leave it out there)")
     a = ap.parse_args()
     use_isa(a.isa)
+    tuned = tune_allocator()        # what training on a CPU does
     data = fs.data.omniglot(a.data, split="small")
     train, _ = data.split_by_group(TEST_ALPHABETS)
     train = train.with_rotations()
-    print(f"machine: {machine()}", flush=True)
+    print(f"machine: {machine()}; fewshot's malloc settings {'applied' if tuned else 'not applied'}", flush=True)
     rows = []
     sps = sampler_speed(train)
     rows.append(["sampler only (60w5s5q, uint8 -> fp32)", f"{sps:.0f}", "", ""])
@@ -79,17 +86,26 @@ def main() -> None:
     cpu = torch.device("cpu")
     auto = (resolve_precision("auto", cpu), resolve_channels_last("auto", cpu))
     combos = [(p, c) for p in a.precisions.split(",") for c in (False, True)]
-    peers, ours = [], {k: [] for k in combos}
+    peers, controls, ours = [], [], {k: [] for k in combos}
     for rnd in range(a.repeats):          # rounds: the peer, then each of ours; ratios within a round
         peers.append(None if a.no_peer else peer_protonet_train_speed(a.peer_episodes))
         if peers[-1] is not None:
             print(f"round {rnd + 1}: peer easyfsl: {peers[-1]:.2f} episodes/s", flush=True)
+            if not a.no_control:
+                controls.append(peer_protonet_train_speed(a.peer_episodes, MALLOC_ENV))
+                print(f"round {rnd + 1}: peer easyfsl, fewshot's malloc settings: {controls[-1]:.2f} episodes/s",
+                      flush=True)
         for prec, cl in combos:
             ours[(prec, cl)].append(train_speed(train, prec, cl, a.steps))
             print(f"round {rnd + 1}: ours {prec} cl={cl}: {ours[(prec, cl)][-1]:.2f} episodes/s", flush=True)
     if peers[0] is not None:
         rows.append([f"easyfsl 1.5.0 PrototypicalNetworks, fp32 ({a.peer_episodes} episodes)",
                      f"{statistics.median(peers):.2f}", "1.00x", "peer, same run"])
+    if controls:
+        r = [c / p for c, p in zip(controls, peers)]
+        rows.append(["easyfsl 1.5.0, fewshot's malloc settings (control)", f"{statistics.median(controls):.2f}",
+                     f"{statistics.median(r):.2f}x" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else ""),
+                     "peer, same run"])
     for prec, cl in combos:
         v = ours[(prec, cl)]
         if peers[0] is not None:

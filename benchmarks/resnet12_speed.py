@@ -117,9 +117,11 @@ def episode(shots: int, batch: int = 1):
 def worker(name: str, iters: int, meta_batch: int, steps: int) -> dict:
     import fewshot as fs
     from fewshot.models import set_channels_last
+    from fewshot.parallel import tune_allocator
     from fewshot.precision import autocast, resolve_channels_last, resolve_precision
     method, prec, cl, spec = CONFIGS[name]
     cpu = torch.device("cpu")
+    tune_allocator()            # as training on a CPU does (the MAML task loop did it already)
     prec, cl = resolve_precision(prec, cpu), resolve_channels_last(cl, cpu)
     torch.manual_seed(0)
     if method == "protonet":
