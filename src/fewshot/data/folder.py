@@ -139,7 +139,7 @@ def image_folder(root: str | os.PathLike, size: int | Sequence[int] = 28, channe
     return cached_files(root, [root], params, build, "folder", cache)
 
 
-def list_files(path: str | os.PathLike, accept=is_image_file, what: str = "images") -> list[Path]:
+def list_files(path: str | os.PathLike, accept, what: str) -> list[Path]:
     """The files to use for ``path``: a folder -> its visible files that ``accept`` takes (sorted, not
     recursive); a single file -> ``[file]``. ``what`` names them in the error for a folder without any."""
     path = Path(path)
@@ -157,7 +157,7 @@ def list_files(path: str | os.PathLike, accept=is_image_file, what: str = "image
 
 def list_images(path: str | os.PathLike) -> list[Path]:
     """The image files to use for ``path`` (:func:`list_files` of image files)."""
-    return list_files(path)
+    return list_files(path, is_image_file, "images")
 
 
 def load_files(paths: Sequence[str | os.PathLike], preprocess: Preprocess) -> torch.Tensor:
