@@ -59,6 +59,12 @@ def train_speed(train, precision: str, channels_last: bool, steps: int, warmup: 
     return steps / (time.perf_counter() - t)
 
 
+def ratio_to(values: list, peers: list) -> str:
+    """Median ratio of each round's value to that round's peer, with the range over rounds."""
+    r = [v / p for v, p in zip(values, peers)]
+    return f"{statistics.median(r):.2f}x" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else "")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=40)
@@ -102,17 +108,11 @@ def main() -> None:
         rows.append([f"easyfsl 1.5.0 PrototypicalNetworks, fp32 ({a.peer_episodes} episodes)",
                      f"{statistics.median(peers):.2f}", "1.00x", "peer, same run"])
     if controls:
-        r = [c / p for c, p in zip(controls, peers)]
         rows.append(["easyfsl 1.5.0, fewshot's malloc settings (control)", f"{statistics.median(controls):.2f}",
-                     f"{statistics.median(r):.2f}x" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else ""),
-                     "peer, same run"])
+                     ratio_to(controls, peers), "peer, same run"])
     for prec, cl in combos:
         v = ours[(prec, cl)]
-        if peers[0] is not None:
-            r = [o / p for o, p in zip(v, peers)]
-            ratio = f"{statistics.median(r):.2f}x" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else "")
-        else:
-            ratio = "n/a"
+        ratio = ratio_to(v, peers) if peers[0] is not None else "n/a"
         rows.append([f"fewshot protonet, {prec}, {'channels-last' if cl else 'NCHW'}",
                      f"{statistics.median(v):.2f}", ratio, "auto on this CPU" if (prec, cl) == auto else ""])
     print()

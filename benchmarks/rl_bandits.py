@@ -23,6 +23,7 @@ from pathlib import Path
 
 from common import add_budget_options, add_row_options, budget_args, drive_rows, exit_if_failed, set_budget, table
 
+LR = 3e-3          # the outer Adam rate of the rows (rows recorded before --lr existed used it)
 TRPO = {"outer": "trpo", "max_kl": 0.01, "exact_fisher": True}
 
 
@@ -71,7 +72,7 @@ def main() -> None:
     ap.add_argument("--arms", default="5,10")
     ap.add_argument("--outer", default="gradient", choices=("gradient", "trpo"))
     ap.add_argument("--tasks", type=int, default=1000)
-    ap.add_argument("--lr", type=float, default=3e-3, help="outer Adam rate (with --outer gradient)")
+    ap.add_argument("--lr", type=float, default=LR, help="outer Adam rate (with --outer gradient)")
     add_row_options(ap, out="/tmp/fewshot-rl-bandits")
     a = ap.parse_args()
     keys = [row_key(int(k), a.outer) for k in a.arms.split(",")]
@@ -81,7 +82,7 @@ def main() -> None:
     results, failed = driven
     for r in results.latest(keys):
         res = classical(r["arms"], a.tasks)
-        outer = ", TRPO outer step" if r.get("outer") == "trpo" else f", Adam {r.get('lr', 3e-3):g}"
+        outer = ", TRPO outer step" if r.get("outer") == "trpo" else f", Adam {r.get('lr', LR):g}"
         rows = [[f"MAML-RL policy{outer}, before adaptation ({r['steps']} meta-steps in {r['train_s'] / 60:.1f} min)",
                  "%.2f ± %.2f" % tuple(r["maml"]["0"])],
                 ["MAML-RL policy, after one step on 10 episodes", "%.2f ± %.2f" % tuple(r["maml"]["1"])]]
