@@ -206,7 +206,8 @@ class DropBlock2d(nn.Module):
 
 class ResNet12Block(nn.Module):
     """Three [conv 3x3, batch norm, LeakyReLU(0.1)] (the last activation after the residual sum), a
-    shortcut of conv 1x1 + batch norm (``downsample``), a 2x2 max-pool, then dropout or DropBlock."""
+    shortcut of conv 1x1 + batch norm (``downsample``), a 2x2 max-pool, then dropout or DropBlock.
+    (Computed with the pool before the last activation: identical outputs and gradients, less work.)"""
 
     def __init__(self, cin: int, cout: int, drop_rate: float = 0.0, drop_block: int = 0):
         super().__init__()
@@ -221,10 +222,12 @@ class ResNet12Block(nn.Module):
         self.dropblock = DropBlock2d(drop_rate, drop_block) if drop_block else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.leaky_relu(self.bn1(self.conv1(x)), 0.1)
-        out = F.leaky_relu(self.bn2(self.conv2(out)), 0.1)
-        out = F.leaky_relu(self.bn3(self.conv3(out)) + self.downsample(x), 0.1)
-        out = F.max_pool2d(out, 2)
+        # in place: batch norm's backward needs its input, not its output, so one activation map less is kept
+        out = F.leaky_relu(self.bn1(self.conv1(x)), 0.1, inplace=True)
+        out = F.leaky_relu(self.bn2(self.conv2(out)), 0.1, inplace=True)
+        # max-pool before the last LeakyReLU: max commutes with a strictly monotone map, so the outputs and
+        # gradients are those of activation-then-pool, with the activation (and its saved input) 4x smaller
+        out = F.leaky_relu(F.max_pool2d(self.bn3(self.conv3(out)) + self.downsample(x), 2), 0.1)
         if self.dropblock is not None:
             return self.dropblock(out)
         if self.drop_rate > 0:
