@@ -10,7 +10,9 @@ fp32, ``--episodes`` steps, seed ``--seed``. Rows, each trained in its own proce
   ``fewshot-sqeuclidean-noval``: the same with the distance set (``euclidean`` is easyfsl's, the non-squared
   ``cdist``, and protonet's default since 2026-12-01; ``sqeuclidean`` the default before) and/or
   ``--val-fraction 0`` (no validation split: all 185 training characters train, as in easyfsl, and the
-  last step's weights are kept instead of the best validation checkpoint's);
+  last step's weights are kept instead of the best validation checkpoint's); ``-sep`` rows also pass support
+  and queries through the network in two batch-norm batches (protonet's ``separate_passes``), as easyfsl
+  does (``fewshot-sep``: the defaults otherwise);
 - ``easyfsl``: easyfsl 1.5.0's ``PrototypicalNetworks`` trained by ``benchmarks/peers/easyfsl_within.py``
   in the peers' environment (the procedure of ``../shared/anchors/anchor_protonet_easyfsl.py``);
   ``easyfsl-sqeuclidean`` scores it with squared distances instead.
@@ -52,6 +54,8 @@ FEWSHOT_ROWS = {
     "fewshot-sqeuclidean-noval": ("sqeuclidean", 0.0, False),
     # every procedural difference from easyfsl removed: also support and queries in two batch-norm batches
     "fewshot-euclidean-noval-sep": ("euclidean", 0.0, True),
+    # the defaults (validation share, best checkpoint) with support and queries in two batch-norm batches
+    "fewshot-sep": (None, None, True),
 }
 PEER_ROWS = {"easyfsl": "euclidean", "easyfsl-sqeuclidean": "sqeuclidean"}
 DEFAULT_ROWS = ("easyfsl", "fewshot", "fewshot-euclidean", "fewshot-noval", "fewshot-euclidean-noval")
