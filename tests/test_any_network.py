@@ -346,7 +346,7 @@ def test_second_order_meta_gradient_through_resnet12_blocks_equals_the_written_o
     """ResNet12Block runs its first two LeakyReLUs in place and pools before the third: the second-order
     meta-gradient (under vmap too) is that of the block as written out, out of place and pool last."""
     from fewshot.models.backbones import ResNet12, ResNet12Block
-    F = torch.nn.functional
+    from test_backbones import written_out_resnet12_block
     torch.manual_seed(0)
     net = ResNet12((1, 16, 16), outputs=3, widths=(3, 3, 3, 3))
     m = fs.methods.build("maml", (1, 16, 16), backbone=net, outputs=3, inner_steps=1, inner_lr=0.3,
@@ -360,12 +360,7 @@ def test_second_order_meta_gradient_through_resnet12_blocks_equals_the_written_o
 
     ours = meta_grad()
 
-    def written_out(block, x):
-        out = F.leaky_relu(block.bn1(block.conv1(x)), 0.1)
-        out = F.leaky_relu(block.bn2(block.conv2(out)), 0.1)
-        return F.max_pool2d(F.leaky_relu(block.bn3(block.conv3(out)) + block.downsample(x), 0.1), 2)
-
-    monkeypatch.setattr(ResNet12Block, "forward", written_out)
+    monkeypatch.setattr(ResNet12Block, "forward", written_out_resnet12_block)
     ref = meta_grad()
     assert ours.keys() == ref.keys()
     for k in ours:

@@ -151,21 +151,22 @@ def test_resnet12_dropblock_rate_ramps_over_its_schedule() -> None:
     assert net.drop_calls == 6  # evaluation does not advance the schedule
 
 
+def written_out_resnet12_block(block, x):
+    """A ResNet12Block's layers as TADAM / MetaOptNet write them: out of place, activation, then pool."""
+    F = torch.nn.functional
+    out = F.leaky_relu(block.bn1(block.conv1(x)), 0.1)
+    out = F.leaky_relu(block.bn2(block.conv2(out)), 0.1)
+    return F.max_pool2d(F.leaky_relu(block.bn3(block.conv3(out)) + block.downsample(x), 0.1), 2)
+
+
 def test_resnet12_block_pools_before_its_last_activation_with_identical_values_and_gradients() -> None:
     from fewshot.models.backbones import ResNet12Block
-    F = torch.nn.functional
     torch.manual_seed(0)
     block = ResNet12Block(3, 6).double().train()
     x = torch.randn(4, 3, 9, 9, dtype=torch.float64)
     x[:, :, :4] = 0.0                           # blank rows: tied maxima in a window
     params = list(block.parameters())
-
-    def written_out(x):                         # the block as TADAM / MetaOptNet write it
-        out = F.leaky_relu(block.bn1(block.conv1(x)), 0.1)
-        out = F.leaky_relu(block.bn2(block.conv2(out)), 0.1)
-        return F.max_pool2d(F.leaky_relu(block.bn3(block.conv3(out)) + block.downsample(x), 0.1), 2)
-
-    ours, ref = block(x), written_out(x)
+    ours, ref = block(x), written_out_resnet12_block(block, x)
     assert ours.shape == (4, 6, 4, 4)
     assert torch.allclose(ours, ref, rtol=0, atol=1e-12)
     g = torch.randn_like(ref)
