@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -56,6 +57,12 @@ def machine() -> str:
     isa = f"ISA {isa}" + (f" (hardware {hw}; {emulated})" if isa != hw or emulated else "")
     return (f"{os.cpu_count()} cores ({cpu}), {isa}, torch {torch.__version__}, {torch.get_num_threads()} "
             f"threads, {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}")
+
+
+def ratio_summary(ratios: list, unit: str = "") -> str:
+    """Per-round ratios to the peer's run of the same round, as the median (with ``unit``) and the range."""
+    return f"{statistics.median(ratios):.2f}{unit}" + (
+        f" ({min(ratios):.2f}-{max(ratios):.2f})" if len(ratios) > 1 else "")
 
 
 def table(rows: list, headers: list) -> str:

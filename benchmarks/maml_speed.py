@@ -33,7 +33,8 @@ from pathlib import Path
 
 import torch
 
-from common import ANCHORS, ISA_ENV, OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, machine, table, use_isa
+from common import (ANCHORS, ISA_ENV, OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, machine, ratio_summary, table,
+                    use_isa)
 
 from fewshot.parallel import MALLOC_ENV     # tune_allocator's settings as glibc environment variables
 
@@ -192,9 +193,7 @@ def main() -> None:
                 return "-"
             r = [o["tasks_per_s"] / p["tasks_per_s"] for o, p in zip(runs[(order, key)], runs[(order, "peer")])
                  if o and p and "tasks_per_s" in o and "tasks_per_s" in p]
-            if not r:
-                return "-"
-            return f"{statistics.median(r):.2f}" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else "")
+            return ratio_summary(r) if r else "-"
 
         if peer:
             rows.append([f"learn2learn 0.2.0 ({order} order)", "cpu", "fp32", "loop", peer["tasks_per_s"],

@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from common import ISA_ENV, OMNIGLOT, TEST_ALPHABETS, machine, peer_protonet_train_speed, table, use_isa
+from common import (ISA_ENV, OMNIGLOT, TEST_ALPHABETS, machine, peer_protonet_train_speed, ratio_summary,
+                    table, use_isa)
 
 import fewshot as fs
 from fewshot.models import set_channels_last
@@ -61,8 +62,7 @@ def train_speed(train, precision: str, channels_last: bool, steps: int, warmup: 
 
 def ratio_to(values: list, peers: list) -> str:
     """Median ratio of each round's value to that round's peer, with the range over rounds."""
-    r = [v / p for v, p in zip(values, peers)]
-    return f"{statistics.median(r):.2f}x" + (f" ({min(r):.2f}-{max(r):.2f})" if len(r) > 1 else "")
+    return ratio_summary([v / p for v, p in zip(values, peers)], "x")
 
 
 def main() -> None:
