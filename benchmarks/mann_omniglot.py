@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, TEST_ALPHABETS, RowResults, machine, run_row_processes, table
+from common import OMNIGLOT, ROOT, TEST_ALPHABETS, RowResults, exit_if_failed, machine, run_row_processes, table
 
 INSTANCES = (1, 2, 3, 5, 10)
 ROWS = {   # key: (label, method, options)
@@ -130,9 +130,7 @@ def main() -> None:
           f"5 classes x 10 drawings; this run: {budget} per row (each row shows its own time and steps), "
           f"{a.jobs} rows at a time x {a.threads} thread(s); chance 20%")
     print(render(rows))
-    if failed:
-        print(f"failed rows (see {out}/ROW.log): {', '.join(failed)}")
-        sys.exit(1)
+    exit_if_failed(failed, out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, ROOT, RowResults, machine, run_row_processes, table
+from common import OMNIGLOT, ROOT, RowResults, exit_if_failed, machine, run_row_processes, table
 
 #: 20 drawings per Omniglot character: semi-supervised rows hold 5 unlabelled images per way, so their test
 #: episodes have 10 queries per way instead of 15 (1 + 10 + 5 and 5 + 10 + 5 images fit in 20).
@@ -141,9 +141,7 @@ def main() -> None:
           f"episodes per setting; every row trained {a.minutes} min, {a.jobs} rows at a time x "
           f"{a.threads} thread(s)")
     print(render(rows))
-    if failed:
-        print(f"failed rows (see {out}/ROW.log): {', '.join(failed)}")
-        sys.exit(1)
+    exit_if_failed(failed, out)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from common import (OMNIGLOT, TEST_ALPHABETS, RowResults, add_budget_options, add_row_options, budget_args,
-                    drive_rows, evaluate_settings, machine, set_budget, table)
+                    drive_rows, evaluate_settings, exit_if_failed, machine, set_budget, table)
 
 SETTINGS = [(5, 1), (5, 5), (20, 1), (20, 5)]
 PUBLISHED = {"CACTUs-MAML": (68.84, 87.78, 48.09, 73.36), "CACTUs-ProtoNets": (68.12, 83.58, 47.75, 66.27),
@@ -185,9 +185,7 @@ def main() -> None:
           f"{f'{a.steps} steps' if a.steps else f'{a.minutes} min'}, {a.jobs} row(s) at a time x "
           f"{a.threads} thread(s); CACTUs: {cactus_spec(a)}")
     print(render(rows, a.episodes))
-    if failed:
-        print(f"failed rows (see {a.out}/ROW.log): {', '.join(failed)}")
-        sys.exit(1)
+    exit_if_failed(failed, a.out)
 
 
 if __name__ == "__main__":
