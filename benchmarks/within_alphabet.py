@@ -23,7 +23,9 @@ read by both sides. ``within``: 20-way 1-shot 15-query, all 20 classes of a task
 fewshot's ``same_group`` sampler; of Korean's 40 and Tagalog's 17 characters only Korean has 20, so every
 within-alphabet task is Korean); ``mixed``: 20-way 1-shot from all 57 test characters. Batch norm uses its
 running statistics (``eval()``) on both sides. Accuracy is mean ± 1.96 sigma / sqrt(n) over episodes; the
-difference to easyfsl is paired (per episode, same tasks).
+difference to easyfsl is paired (per episode, same tasks). ``--seed`` seeds training only: the test episodes
+are seed 0's whatever it is, so rows trained with other seeds stay paired; the table names each row's seed
+(a results file may hold rows of several seeds beside each other, one per key).
 
 usage: python benchmarks/within_alphabet.py [--episodes 2000] [--seed 0] [--test-episodes 1000]
        [--rows easyfsl,fewshot,...] [--out /tmp/bench/within] [--fresh]
@@ -170,11 +172,11 @@ def main() -> None:
     results, failed = driven
     rows = results.latest(keys, keys)
     peer = next((r for r in rows if r["key"] == "easyfsl"), None)
-    print(f"\n# training: {a.episodes} episodes of 60-way 5-shot 5-query, seed {a.seed}, fp32; test: "
+    print(f"\n# training: {a.episodes} episodes of 60-way 5-shot 5-query, fp32 (seed: each row's); test: "
           f"{a.test_episodes} episodes each, 20-way 1-shot 15-query, Korean + Tagalog")
     body = []
     for r in rows:
-        cells = [r["key"], r.get("distance", PEER_ROWS.get(r["key"], "")),
+        cells = [r["key"], r["seed"], r.get("distance", PEER_ROWS.get(r["key"], "")),
                  r.get("val_fraction", 0.0), f"{r.get('checkpoint_step', r['episodes'])}",
                  f"{r['train_s'] / 60:.1f}"]
         for t in TESTS:
@@ -187,8 +189,8 @@ def main() -> None:
         else:
             cells.append("")
         body.append(cells)
-    print(table(body, ["row", "distance", "val share", "weights of step", "train min", "within-alphabet 20w1s (%)",
-                       "mixed 20w1s (%)", "within: minus easyfsl (paired)"]))
+    print(table(body, ["row", "seed", "distance", "val share", "weights of step", "train min",
+                       "within-alphabet 20w1s (%)", "mixed 20w1s (%)", "within: minus easyfsl (paired)"]))
     exit_if_failed(failed, a.out)
 
 
