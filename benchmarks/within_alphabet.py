@@ -25,7 +25,9 @@ within-alphabet task is Korean); ``mixed``: 20-way 1-shot from all 57 test chara
 running statistics (``eval()``) on both sides. Accuracy is mean ± 1.96 sigma / sqrt(n) over episodes; the
 difference to easyfsl is paired (per episode, same tasks). ``--seed`` seeds training only: the test episodes
 are seed 0's whatever it is, so rows trained with other seeds stay paired; the table names each row's seed
-(a results file may hold rows of several seeds beside each other, one per key).
+(a results file may hold rows of several seeds beside each other, one per key). With one output folder per
+seed, ``--across OUT0,OUT1,...`` prints the ``--rows`` of all of them side by side: each seed's accuracy, their
+mean and range, and the paired difference to easyfsl of the same seed.
 
 usage: python benchmarks/within_alphabet.py [--episodes 2000] [--seed 0] [--test-episodes 1000]
        [--rows easyfsl,fewshot,...] [--out /tmp/bench/within] [--fresh]
@@ -41,7 +43,8 @@ from pathlib import Path
 
 import torch
 
-from common import OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, add_row_options, drive_rows, exit_if_failed, table
+from common import (OMNIGLOT, PEERS_PYTHON, TEST_ALPHABETS, RowResults, add_row_options, drive_rows, exit_if_failed,
+                    table)
 
 HERE = Path(__file__).resolve().parent
 PEER_SCRIPT = HERE / "peers" / "easyfsl_within.py"
@@ -147,6 +150,34 @@ def mean_ci(v: list) -> tuple:
     return float(t.mean()), float(1.96 * t.std() / math.sqrt(len(t))) if len(t) > 1 else 0.0
 
 
+def seed_summary(folders: list, keys: list) -> str:
+    """The rows of several output folders, one training seed each, side by side: per row key the
+    within-alphabet accuracy of every seed, their mean and range, and the paired difference to the easyfsl
+    row of the same seed where there is one. The folders must hold the same test episodes."""
+    episodes = {(Path(f) / "episodes.pt").read_bytes() for f in folders}
+    if len(episodes) != 1:
+        raise SystemExit(f"--across: the folders {', '.join(folders)} hold different test episodes")
+    by = {}                                 # key -> {seed: row}
+    for f in folders:
+        for r in RowResults(Path(f) / "rows.jsonl").latest(keys, keys):
+            by.setdefault(r["key"], {})[r.get("seed", 0)] = r
+    peer = by.get("easyfsl", {})
+    body = []
+    for k in keys:
+        seeds = dict(sorted(by.get(k, {}).items()))
+        if not seeds:
+            continue
+        acc = {s: mean_ci(r["acc"]["within"]) for s, r in seeds.items()}
+        means = [m for m, _ in acc.values()]
+        diffs = [(s, mean_ci([x - y for x, y in zip(r["acc"]["within"], peer[s]["acc"]["within"])]))
+                 for s, r in seeds.items() if k != "easyfsl" and s in peer]
+        body.append([k, ", ".join(f"{s}: {m:.2f} ± {c:.2f}" for s, (m, c) in acc.items()),
+                     f"{sum(means) / len(means):.2f}", f"{max(means) - min(means):.2f}" if len(means) > 1 else "-",
+                     ", ".join(f"{s}: {m:+.2f} ± {c:.2f}" for s, (m, c) in diffs) or "-"])
+    return table(body, ["row", "within-alphabet 20w1s by seed (%)", "mean over seeds", "range",
+                        "minus easyfsl, same seed (paired)"])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--episodes", type=int, default=2000, help="training episodes of every row")
@@ -155,12 +186,18 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join(DEFAULT_ROWS),
                     help="comma-separated, from: " + ", ".join([*PEER_ROWS, *FEWSHOT_ROWS]))
     ap.add_argument("--data", default=str(OMNIGLOT))
+    ap.add_argument("--across", default="",
+                    help="comma-separated output folders of runs with other --seed: train nothing, print the "
+                         "--rows of all of them side by side, seed by seed")
     add_row_options(ap, out="/tmp/bench/within", jobs=1, threads=2)
     a = ap.parse_args()
     keys = [k for k in a.rows.split(",") if k]
     bad = [k for k in keys if k not in FEWSHOT_ROWS and k not in PEER_ROWS]
     if bad:
         ap.error(f"unknown --rows {', '.join(bad)}")
+    if a.across:
+        print(seed_summary([f for f in a.across.split(",") if f], keys))
+        return
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     if not a.row and (a.fresh or not (out / "episodes.pt").exists()):
