@@ -154,6 +154,9 @@ def seed_summary(folders: list, keys: list) -> str:
     """The rows of several output folders, one training seed each, side by side: per row key the
     within-alphabet accuracy of every seed, their mean and range, and the paired difference to the easyfsl
     row of the same seed where there is one. The folders must hold the same test episodes."""
+    missing = [f for f in folders if not (Path(f) / "episodes.pt").exists()]
+    if missing:
+        raise SystemExit(f"--across: no episodes.pt (not an output folder of this script) in {', '.join(missing)}")
     episodes = {(Path(f) / "episodes.pt").read_bytes() for f in folders}
     if len(episodes) != 1:
         raise SystemExit(f"--across: the folders {', '.join(folders)} hold different test episodes")
@@ -213,7 +216,7 @@ def main() -> None:
           f"{a.test_episodes} episodes each, 20-way 1-shot 15-query, Korean + Tagalog")
     body = []
     for r in rows:
-        cells = [r["key"], r["seed"], r.get("distance", PEER_ROWS.get(r["key"], "")),
+        cells = [r["key"], r.get("seed", 0), r.get("distance", PEER_ROWS.get(r["key"], "")),
                  r.get("val_fraction", 0.0), f"{r.get('checkpoint_step', r['episodes'])}",
                  f"{r['train_s'] / 60:.1f}"]
         for t in TESTS:
