@@ -150,6 +150,12 @@ def mean_ci(v: list) -> tuple:
     return float(t.mean()), float(1.96 * t.std() / math.sqrt(len(t))) if len(t) > 1 else 0.0
 
 
+def paired_difference(row: dict, peer: dict) -> tuple:
+    """Mean and CI over the test episodes of ``row``'s within-alphabet accuracy minus ``peer``'s, episode by
+    episode (both scored on the same episodes)."""
+    return mean_ci([x - y for x, y in zip(row["acc"]["within"], peer["acc"]["within"])])
+
+
 def seed_summary(folders: list, keys: list) -> str:
     """The rows of several output folders, one training seed each, side by side: per row key the
     within-alphabet accuracy of every seed, their mean and range, and the paired difference to the easyfsl
@@ -172,8 +178,7 @@ def seed_summary(folders: list, keys: list) -> str:
             continue
         acc = {s: mean_ci(r["acc"]["within"]) for s, r in seeds.items()}
         means = [m for m, _ in acc.values()]
-        diffs = [(s, mean_ci([x - y for x, y in zip(r["acc"]["within"], peer[s]["acc"]["within"])]))
-                 for s, r in seeds.items() if k != "easyfsl" and s in peer]
+        diffs = [(s, paired_difference(r, peer[s])) for s, r in seeds.items() if k != "easyfsl" and s in peer]
         body.append([k, ", ".join(f"{s}: {m:.2f} ± {c:.2f}" for s, (m, c) in acc.items()),
                      f"{sum(means) / len(means):.2f}", f"{max(means) - min(means):.2f}" if len(means) > 1 else "-",
                      ", ".join(f"{s}: {m:+.2f} ± {c:.2f}" for s, (m, c) in diffs) or "-"])
@@ -223,8 +228,7 @@ def main() -> None:
             m, c = mean_ci(r["acc"][t])
             cells.append(f"{m:.2f} ± {c:.2f} ({100 - m:.2f} % errors)")
         if peer is not None and r is not peer:
-            d = [x - y for x, y in zip(r["acc"]["within"], peer["acc"]["within"])]
-            m, c = mean_ci(d)
+            m, c = paired_difference(r, peer)
             cells.append(f"{m:+.2f} ± {c:.2f}")
         else:
             cells.append("")
