@@ -36,7 +36,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import OMNIGLOT, TEST_ALPHABETS, RowResults, add_row_options, drive_rows, evaluate_settings, exit_if_failed, machine, table
+from common import OMNIGLOT, TEST_ALPHABETS, add_row_options, drive_rows, evaluate_settings, exit_if_failed, machine, table
 
 SETTINGS = [(5, 1), (20, 1)]
 MAML_OPTIONS = {"hidden": 64, "bn": "transductive", "inner_steps": 1, "inner_lr": 0.4, "test_steps": 10}

@@ -78,7 +78,7 @@ def main() -> None:
              f"{nav_speed(a.tasks // 10, a.rollouts, True, repeats=1):,.0f}"]]
     print(table(rows, ["rollout", "tasks", "rollouts", "env steps/s"]))
     vec, loop = meta_iteration_time(20, 20, False), meta_iteration_time(20, 20, True)
-    print(f"\n# MAML-RL meta-iteration on navigation (20 goals x 20 rollouts x 100 steps, before and after one "
+    print("\n# MAML-RL meta-iteration on navigation (20 goals x 20 rollouts x 100 steps, before and after one "
           "inner step; recipes/maml_navigation.yaml)")
     print(table([["all tasks at once (fewshot)", f"{vec:.2f}", "1.00"],
                  ["the same algorithm, one task at a time", f"{loop:.2f}", f"{loop / vec:.2f}"]],

@@ -1,7 +1,6 @@
 """Memory-mapped data sets: the cache file (atomic, checked, rebuilt), reading without loading the set whole,
 and episodes equal to those of the same set in memory."""
 import os
-import sys
 
 import numpy as np
 import pytest
